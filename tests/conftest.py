@@ -18,3 +18,11 @@ def tiny_model_no_template_dir(tmp_path_factory):
 def _isolated_cache(monkeypatch, tmp_path_factory):
     # Tests never touch the user's cache; the embedded model's cache is shared across tests.
     monkeypatch.setenv("RMT_CACHE", str(tmp_path_factory.getbasetemp() / "rmt-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_scored_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model's scored dataset of a small synthetic corpus (midtrain + eval)."""
+    from helpers import score_tiny
+
+    return score_tiny(tiny_model_dir, tmp_path_factory.mktemp("scored"))

@@ -13,10 +13,15 @@ from rmt.errors import RmtError
 # Subcommand name -> module with `add_arguments(parser)` and `run(args)`; listed here only once they work.
 COMMANDS = {
     "doctor": ("rmt.doctor", "check the installation: torch, device, embedded model and corpus, cache"),
+    "train": ("rmt.train", "mid-train a model: rmt / rpt / ntp methods and ablations (SPEC §8)"),
+    "score": ("rmt.score", "score token difficulty: proxy-model entropy and band of every corpus token"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """All commands are listed; only the chosen one's module is imported (they import torch)."""
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if a in COMMANDS), None)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser = argparse.ArgumentParser(prog="rmt", description="Reinforcement Mid-Training for causal LMs.")
@@ -24,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
-        importlib.import_module(module).add_arguments(sub_parser)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(sub_parser)
     return parser
 
 
@@ -32,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     # Quiet transformers' own progress bars and advice: ours say what is happening.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    args = build_parser(argv).parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return module.run(args) or 0

@@ -68,3 +68,16 @@ def prefix_match(prediction: str | None, continuation_tokens: Sequence[str | byt
 def total_reward(match: float, length: float, length_weight: float) -> float:
     """Total reward (SPEC §4): ``r = (1 − w)·r_match + w·r_len``."""
     return (1.0 - length_weight) * match + length_weight * length
+
+
+PREFIX_TOKENS = 16  # continuation tokens a multi-token (prefix) prediction may cover
+
+
+def match_reward(kind: str, prediction: str | None, window_ids, position: int, tokenizer) -> float:
+    """The match reward of a prediction for target `window_ids[position]` (SPEC §4): `exact` compares
+    with the decoded target token, `prefix` with the bytes of the continuation from the target on."""
+    from rmt.prompts import token_bytes
+
+    if kind == "exact":
+        return exact_match(prediction, tokenizer.decode([int(window_ids[position])]))
+    return prefix_match(prediction, token_bytes(tokenizer, window_ids[position : position + PREFIX_TOKENS]))

@@ -1,0 +1,77 @@
+"""Checkpoints: a Hugging Face model folder per saved step, with the trainer state beside it.
+
+`RUN/checkpoints/step-000050/` holds `model.safetensors`, `config.json` and the tokenizer files (load it
+with `AutoModelForCausalLM.from_pretrained`), `trainer_state/` (optimizer, scheduler, random states and
+the sampler and data order, written by `accelerate`, so sharded FSDP/DeepSpeed states work too) and
+`trainer_state.json`. A checkpoint is written under a temporary name and renamed into place, so the
+latest complete checkpoint is always whole; only the newest `keep_last` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from rmt.errors import RmtError
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_model_path(path: str) -> str:
+    """A run folder stands for its latest checkpoint; anything else is returned unchanged."""
+    candidate = Path(path)
+    if (candidate / "checkpoints").is_dir():
+        latest = latest_checkpoint(candidate)
+        if latest is None:
+            raise RmtError(f"{path}: run folder has no complete checkpoint yet")
+        return str(latest)
+    return path
+
+
+def save_checkpoint(accelerator, run_dir, step: int, model, tokenizer, info: dict, keep_last: int) -> Path:
+    """Every process calls this; the model is consolidated and written once."""
+    target = checkpoint_dir(run_dir, step)
+    tmp = target.with_name(f".{target.name}.tmp")
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "trainer_state"))
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        # Written last: its presence marks the folder complete.
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **info}, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def load_checkpoint(accelerator, path: Path) -> int:
+    """Restore model, optimizer, scheduler, random states and registered objects; returns the step."""
+    accelerator.load_state(str(path / "trainer_state"))
+    return json.loads((path / "trainer_state.json").read_text())["step"]

@@ -1,0 +1,305 @@
+"""Batched two-phase rollouts with answer forcing (SPEC §3).
+
+Phase 1 samples reasoning until the policy writes `</think>` or reaches the cap (`2·B_t`, or a fixed
+maximum without the budget). Phase 2 samples the answer: with answer forcing, the rollout first appends
+what is missing itself -- `</think>` if the policy did not close it, then `\\boxed{` -- and samples only
+the answer, up to its closing brace. Inserted tokens are marked in `sampled_mask` (0) so the RL loss
+ignores them. Without forcing the policy writes everything and a missing answer simply scores 0.
+
+Everything runs in one decoding loop over one KV cache; finished rows are dropped from the batch.
+
+`generate_shared` is the same rollout for prompts that share a prefix (all positions of one document
+share `pre + x_<t`, SPEC §1): each document's prefix is encoded once, and every prompt starts from a
+slice of that cache instead of re-encoding it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from rmt.prompts import THINK_CLOSE
+
+BOX_OPEN = "\\boxed{"
+
+
+@dataclass
+class RolloutSettings:
+    max_reasoning_tokens: int
+    answer_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    force_answer: bool = True
+    batch_size: int = 32
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    sampled_mask: list[int] = field(default_factory=list)  # 1: sampled by the policy; 0: inserted
+    reasoning_len: int = 0  # tokens the policy wrote before `</think>` (or before the cap)
+    closed_think: bool = False  # the policy closed `</think>` by itself
+    text: str = ""
+
+
+@dataclass
+class SharedPrompts:
+    """Prompts that share a prefix: prompt k is `prefix[:cuts[k]] + suffix`.
+
+    For one document, `prefix = pre + x_<max t`, `cuts = [len(pre) + t for each position t]` and
+    `suffix = post` (see `document_prompts`).
+    """
+
+    prefix: list[int]
+    cuts: list[int]
+    suffix: list[int]
+
+    def prompts(self) -> list[list[int]]:
+        return [self.prefix[:c] + self.suffix for c in self.cuts]
+
+
+def document_prompts(pre: list[int], window_ids, positions, post: list[int]) -> SharedPrompts:
+    """The prompts `pre + window_ids[:t] + post` of one document's positions, as one `SharedPrompts`
+    (the same token ids as `PromptBuilder.prompt_ids` for each t)."""
+    positions = [int(t) for t in positions]
+    context = [int(i) for i in window_ids[: max(positions, default=0)]]
+    return SharedPrompts(list(pre) + context, [len(pre) + t for t in positions], list(post))
+
+
+class _Row:
+    """Decoding state of one sequence."""
+
+    def __init__(self, rollout: Rollout):
+        self.rollout = rollout
+        self.phase = "reason"
+        self.queue: list[int] = []  # tokens the rollout inserts before sampling resumes
+        self.tail = ""  # recent reasoning text, to spot `</think>`
+        self.answer = ""  # answer text since reasoning ended
+        self.answer_sampled = 0
+        self.done = False
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generators: list[torch.Generator]):
+    """One token per row; row i draws its single uniform number from its own generator, so a sequence's
+    sample never depends on which other sequences share its batch (or process)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep)
+        probs = probs / probs.sum(-1, keepdim=True)
+    u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(probs.device)
+    # Inverse-CDF sampling; the clamp guards against a cumulative sum that rounds below u.
+    index = torch.searchsorted(probs.cumsum(-1), u.unsqueeze(-1)).squeeze(-1)
+    return index.clamp(max=probs.shape[-1] - 1)
+
+
+class RolloutEngine:
+    """Generates rollouts for prompt token ids with a Hugging Face causal LM."""
+
+    def __init__(self, model, tokenizer, settings: RolloutSettings):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.close_ids = encode("\n" + THINK_CLOSE)
+        self.box_ids = encode(" " + BOX_OPEN)
+        self.eos_ids = set(_as_list(tokenizer.eos_token_id)) | set(_as_list(model.generation_config.eos_token_id))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], seeds: list[int] | None = None) -> list[Rollout]:
+        """Roll out every prompt. `seeds[i]` seeds prompt i's own sampler (default: i), so results do not
+        depend on batching, on the number of processes, or on where a run was resumed."""
+        rollouts = [Rollout(prompt_ids=list(p)) for p in prompts]
+        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+        size = self.settings.batch_size
+        for start in range(0, len(rollouts), size):
+            generators = [torch.Generator().manual_seed(int(x)) for x in seeds[start : start + size]]
+            self._generate_batch(rollouts[start : start + size], generators)
+        for r in rollouts:
+            r.text = self.tokenizer.decode(r.response_ids)
+        return rollouts
+
+    @torch.no_grad()
+    def generate_shared(
+        self, docs: list[SharedPrompts], copies: int, seeds: list[int] | None = None
+    ) -> list[Rollout]:
+        """Roll out `copies` responses to every prompt of every `SharedPrompts`, encoding each shared
+        prefix once.
+
+        Returns the same list, in the same order, as `generate` over the expanded prompts
+        `[p for doc in docs for p in doc.prompts() for _ in range(copies)]` with the same `seeds`:
+        token for token with greedy decoding, and draw for draw when sampling (each row keeps its own
+        seeded generator), up to float rounding of the differently batched forwards.
+        """
+        prompts = [p for doc in docs for p in doc.prompts() for _ in range(copies)]
+        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+        # Every row re-encodes the last `tail` tokens of its prompt (the suffix) on top of a cache slice.
+        tail = max([1] + [len(doc.suffix) for doc in docs if doc.cuts])
+        states = self._prefix_states(docs) if all(len(p) >= tail for p in prompts) else None
+        if states is None:  # a cache this path cannot slice (sliding-window layers) or a degenerate prompt
+            return self.generate(prompts, seeds)
+        rollouts = [Rollout(prompt_ids=p) for p in prompts]
+        starts = [(d, len(docs[d].prefix[:c]) + len(docs[d].suffix)) for d, doc in enumerate(docs) for c in doc.cuts]
+        per_batch = max(1, self.settings.batch_size // copies)  # prompts per batch; each fills `copies` rows
+        for first in range(0, len(starts), per_batch):
+            chunk = starts[first : first + per_batch]
+            rows = slice(first * copies, (first + len(chunk)) * copies)
+            generators = [torch.Generator().manual_seed(int(x)) for x in seeds[rows]]
+            self._generate_shared_batch(chunk, states, tail, copies, rollouts[rows], generators)
+        for r in rollouts:
+            r.text = self.tokenizer.decode(r.response_ids)
+        return rollouts
+
+    def _end_reasoning(self, row: _Row, closed: bool) -> None:
+        row.phase = "answer"
+        row.rollout.closed_think = closed
+        if closed:
+            row.rollout.reasoning_len = max(0, row.rollout.reasoning_len - len(self.close_ids) + 1)
+        if self.settings.force_answer:
+            row.queue = ([] if closed else list(self.close_ids)) + list(self.box_ids)
+            row.answer = BOX_OPEN
+
+    def _step_row(self, row: _Row, sampled: int) -> int:
+        """Choose this row's next token (a queued insertion wins over the sample) and update its state."""
+        s = self.settings
+        r = row.rollout
+        if row.queue:
+            token, is_sampled = row.queue.pop(0), 0
+        else:
+            token, is_sampled = sampled, 1
+        r.response_ids.append(token)
+        r.sampled_mask.append(is_sampled)
+        if not is_sampled:
+            return token
+        piece = self.tokenizer.decode([token])
+        if row.phase == "reason":
+            r.reasoning_len += 1
+            row.tail = (row.tail + piece)[-32:]
+            if token in self.eos_ids:
+                row.done = not s.force_answer
+                self._end_reasoning(row, closed=False)
+            elif THINK_CLOSE in row.tail:
+                self._end_reasoning(row, closed=True)
+            elif r.reasoning_len >= s.max_reasoning_tokens:
+                self._end_reasoning(row, closed=False)
+        else:
+            row.answer += piece
+            row.answer_sampled += 1
+            opened = row.answer.find(BOX_OPEN)
+            if token in self.eos_ids or row.answer_sampled >= s.answer_tokens:
+                row.done = True
+            elif opened >= 0:
+                inner = row.answer[opened + len(BOX_OPEN) :]
+                depth = 1
+                for ch in inner:
+                    depth += (ch == "{") - (ch == "}")
+                    if depth == 0:
+                        row.done = True
+                        break
+        return token
+
+    def _generate_batch(self, batch: list[Rollout], generators: list[torch.Generator]) -> None:
+        device = self.model.device
+        width = max(len(r.prompt_ids) for r in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):  # left padding: every row's next token goes at the same column
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        self._decode([_Row(r) for r in batch], generators, out.cache, out.logits[:, -1], mask, positions[:, -1] + 1)
+
+    def _decode(self, rows: list[_Row], generators: list[torch.Generator], cache, logits, mask, next_pos) -> None:
+        """The decoding loop, from a prefilled left-padded `cache` ([B, width]) with its 2D `mask`, the
+        logits of each row's last prompt token and each row's next position."""
+        s = self.settings
+        device = self.model.device
+        live = list(range(len(rows)))  # rows of the current batch tensors, by index into `rows`
+        max_steps = s.max_reasoning_tokens + len(self.close_ids) + len(self.box_ids) + s.answer_tokens
+        for _ in range(max_steps):
+            sampled = _sample(logits, s.temperature, s.top_p, [generators[j] for j in live]).tolist()
+            tokens = [self._step_row(rows[j], tok) for j, tok in zip(live, sampled)]
+            keep = [k for k, j in enumerate(live) if not rows[j].done]
+            if not keep:
+                break
+            step_ids = torch.tensor(tokens, device=device).unsqueeze(1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if len(keep) < len(live):  # drop finished rows from the batch and the cache
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                step_ids, mask, next_pos = step_ids[index], mask[index], next_pos[index]
+                live = [live[k] for k in keep]
+            out = self.model(
+                input_ids=step_ids, attention_mask=mask, position_ids=next_pos.unsqueeze(1),
+                cache=cache, use_cache=True,
+            )
+            cache, logits = out.cache, out.logits[:, -1]
+            next_pos = next_pos + 1
+
+
+    def _prefix_states(self, docs: list[SharedPrompts]) -> dict | None:
+        """Key/value states of each document's prefix, `{doc: [(keys, values) per layer]}`, each
+        [kv_heads, len(prefix), head_dim]; None if the model's cache is not a plain full-attention one."""
+        device = self.model.device
+        todo = [d for d, doc in enumerate(docs) if doc.cuts]
+        states = {}
+        size = self.settings.batch_size
+        for first in range(0, len(todo), size):
+            chunk = todo[first : first + size]
+            width = max(len(docs[d].prefix) for d in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            for i, d in enumerate(chunk):  # right padding: causal attention keeps every prefix exact
+                ids[i, : len(docs[d].prefix)] = torch.tensor(docs[d].prefix)
+            layers = self.model(input_ids=ids.to(device), use_cache=True, logits_to_keep=1).cache.layers
+            if any(type(layer) is not DynamicLayer for layer in layers):
+                return None
+            for i, d in enumerate(chunk):
+                n = len(docs[d].prefix)
+                states[d] = [(layer.keys[i, :, :n], layer.values[i, :, :n]) for layer in layers]
+        return states
+
+    def _generate_shared_batch(self, chunk, states, tail, copies, batch, generators) -> None:
+        """Prefill each prompt `(doc, length)` of `chunk` from its document's prefix states plus its last
+        `tail` tokens, copy it `copies` times and decode, as `_generate_batch` does after its prefill."""
+        device = self.model.device
+        cached = [length - tail for _, length in chunk]
+        width = max(cached)
+        keys, values = [], []
+        for k, v in states[chunk[0][0]]:
+            keys.append(k.new_zeros((len(chunk), k.shape[0], width, k.shape[2])))
+            values.append(v.new_zeros((len(chunk), v.shape[0], width, v.shape[2])))
+        mask = torch.zeros((len(chunk), width + tail), dtype=torch.long)
+        for i, (d, _) in enumerate(chunk):  # left padding, as in `_generate_batch`
+            n = cached[i]
+            for layer, (k, v) in enumerate(states[d]):
+                keys[layer][i, :, width - n :] = k[:, :n]
+                values[layer][i, :, width - n :] = v[:, :n]
+            mask[i, width - n :] = 1
+        prompt_tails = [batch[i * copies].prompt_ids[-tail:] for i in range(len(chunk))]
+        ids = torch.tensor(prompt_tails, dtype=torch.long, device=device)
+        mask = mask.to(device)
+        positions = torch.tensor(cached, device=device).unsqueeze(1) + torch.arange(tail, device=device)
+        cache = DynamicCache(ddp_cache_data=list(zip(keys, values)))
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                         logits_to_keep=1)
+        cache = out.cache
+        cache.batch_repeat_interleave(copies)
+        logits = out.logits[:, -1].repeat_interleave(copies, dim=0)
+        mask = mask.repeat_interleave(copies, dim=0)
+        next_pos = (positions[:, -1] + 1).repeat_interleave(copies)
+        self._decode([_Row(r) for r in batch], generators, cache, logits, mask, next_pos)
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]

@@ -1,0 +1,146 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rmt.budget import token_budget
+from rmt.checkpoint import latest_checkpoint
+from rmt.cli import main
+from rmt.config import load_config
+from rmt.curriculum import band_probabilities
+from rmt.errors import RmtError
+from rmt.train import train
+
+TIMING = ("rollout_seconds", "reward_seconds", "train_seconds", "step_seconds")
+
+
+def tiny_config(model, data, out, *extra):
+    return load_config(None, [
+        f"model={model}", f"data={data}", f"out={out}", "steps=6", "docs_per_step=2",
+        "rollout.group_size=4", "rollout.positions_per_doc=2", "rollout.answer_tokens=4",
+        "budget.b0=12", "budget.fixed_max_tokens=12", "optim.lr=1e-3", "optim.micro_batch=8",
+        "save_every=2", "keep_last=2", *extra,
+    ])
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rmt_follows_budget_and_curriculum(tiny_model_dir, tiny_scored_dir, tmp_path):
+    config = tiny_config(tiny_model_dir, tiny_scored_dir, tmp_path / "run")
+    run_dir = train(config)
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    for m in metrics:
+        step = m["step"] - 1
+        assert m["budget"] == token_budget(step, 6, 12, 1, 0.2)
+        expected = band_probabilities(step, 6, (0.6, 0.3, 0.1), (0.1, 0.3, 0.6))
+        assert list(m["band_probs"].values()) == pytest.approx(expected)
+        assert sum(m["sampled_bands"].values()) == 4  # 2 docs x 2 positions
+        assert m["reasoning_len_max"] <= 2 * m["budget"]
+        for key in ("reward_mean", "reward_match_mean", "reward_len_mean", "format_ok_frac", "zero_std_groups",
+                    "loss", "loss_rl", "loss_ntp", "lr", "grad_norm", "tokens_generated", "step_seconds"):
+            assert key in m
+        assert m["loss"] == pytest.approx(m["loss_rl"] + 0.1 * m["loss_ntp"])
+    assert (run_dir / "config.yaml").is_file()
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt.name == "step-000006"
+    assert len(list((run_dir / "checkpoints").iterdir())) == 2  # keep_last
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(ckpt).config.vocab_size > 0
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("rpt", []),
+    ("ntp", []),
+    ("rmt", ["budget.enabled=false"]),
+    ("rmt", ["curriculum.enabled=false"]),
+    ("rmt", ["ntp.weight=0"]),
+    ("rmt", ["rollout.force_answer=false", "rollout.zero_std=skip", "rl.kl_coef=0.05"]),
+])
+def test_methods_and_ablations_run(tiny_model_dir, tiny_scored_dir, tmp_path, method, extra):
+    config = tiny_config(tiny_model_dir, tiny_scored_dir, tmp_path / "run", f"method={method}", "steps=2", *extra)
+    metrics = read_metrics(train(config))
+    assert len(metrics) == 2
+    last = metrics[-1]
+    if method == "ntp":
+        assert last["loss"] == pytest.approx(last["loss_ntp"]) and "reward_mean" not in last
+        return
+    assert last["tokens_generated"] > 0
+    if method == "rpt" or "budget.enabled=false" in extra:
+        assert last["budget"] is None and last["reward_len_mean"] == 0 and last["reasoning_len_max"] <= 12
+    if method == "rpt" or "curriculum.enabled=false" in extra:
+        assert last["band_probs"] is None
+    if method == "rpt" or "ntp.weight=0" in extra:
+        assert last["loss"] == pytest.approx(last["loss_rl"])
+
+
+def _weights(run_dir):
+    return load_file(latest_checkpoint(run_dir) / "model.safetensors")
+
+
+def test_resume_after_sigkill_is_exact(tiny_model_dir, tiny_scored_dir, tmp_path):
+    args = ["model", "data", "steps", "docs_per_step", "rollout.group_size", "rollout.positions_per_doc",
+            "budget.b0", "optim.lr", "save_every"]
+    values = [tiny_model_dir, tiny_scored_dir, 8, 2, 4, 2, 16, 1e-3, 3]
+    overrides = [f"{k}={v}" for k, v in zip(args, values)]
+    reference = train(load_config(None, overrides + [f"out={tmp_path / 'ref'}"]))
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "rmt.cli", "train", f"out={killed}", *overrides]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 120
+    # Kill after the step-3 checkpoint, before the run ends: some logged steps are then lost.
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert latest_checkpoint(killed).name in ("step-000003", "step-000006")
+
+    assert main(["train", "--resume", f"out={killed}", *overrides]) == 0
+    resumed, uninterrupted = read_metrics(killed), read_metrics(reference)
+    assert len(resumed) == len(uninterrupted) == 8
+    for a, b in zip(resumed, uninterrupted):
+        assert a.keys() == b.keys()
+        for key in a.keys() - set(TIMING):
+            if isinstance(a[key], float):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+            else:
+                assert a[key] == b[key], key
+    ref_w, res_w = _weights(reference), _weights(killed)
+    for name in ref_w:
+        torch.testing.assert_close(res_w[name], ref_w[name], rtol=1e-5, atol=1e-6)
+
+
+def test_run_folder_is_never_overwritten(tiny_model_dir, tiny_scored_dir, tmp_path, capsys):
+    config = tiny_config(tiny_model_dir, tiny_scored_dir, tmp_path / "run", "steps=1")
+    train(config)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(RmtError, match="already holds a run"):
+        train(config)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    assert main(["train", f"--out={tmp_path / 'empty'}", "--resume", f"data={tiny_scored_dir}"]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_config_typo_is_one_clear_error(capsys):
+    assert main(["train", "budgett.b0=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "budgett" in err and "Did you mean" in err
+
+
+def test_missing_scored_data_is_one_clear_error(tmp_path, capsys):
+    assert main(["train", f"--data={tmp_path}", f"--out={tmp_path / 'run'}"]) == 2
+    assert "rmt train: error:" in capsys.readouterr().err
