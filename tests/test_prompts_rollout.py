@@ -1,0 +1,95 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rmt.errors import RmtError
+from rmt.prompts import PromptBuilder, token_bytes
+from rmt.rewards import extract_prediction
+from rmt.rollout import RolloutEngine, RolloutSettings
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_positions_of_a_document_share_the_prompt_prefix(tiny):
+    _, tokenizer = tiny
+    builder = PromptBuilder(tokenizer)
+    window = tokenizer("Tom has 3 apples and buys 4 more.", add_special_tokens=False)["input_ids"]
+    pre, post = builder.parts(32)
+    early, late = builder.prompt_ids(window, 3, 32), builder.prompt_ids(window, 7, 32)
+    assert early[: len(pre) + 3] == late[: len(pre) + 3] == pre + window[:3]
+    assert late == pre + window[:7] + post
+    text = tokenizer.decode(late)
+    assert text.index("at most 32 tokens") < text.index("### Context") < text.index("Tom has")
+    assert text.endswith("<|im_start|>assistant\n<think>\n")
+    assert "at most" not in tokenizer.decode(builder.prompt_ids(window, 3, None))
+
+
+def test_models_without_chat_template(tiny_model_no_template_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_no_template_dir)
+    with pytest.raises(RmtError, match="no chat template"):
+        PromptBuilder(tokenizer, style="chat")
+    plain = PromptBuilder(tokenizer, style="auto")
+    assert not plain.chat
+    assert tokenizer.decode(plain.prompt_ids([], 0, 8)).endswith("### Answer\n<think>\n")
+
+
+def test_token_bytes_keep_partial_characters(tiny):
+    _, tokenizer = tiny
+    ids = tokenizer(" café 🙂", add_special_tokens=False)["input_ids"]
+    pieces = token_bytes(tokenizer, ids)
+    assert b"".join(pieces) == " café 🙂".encode()
+    assert any(len(p) == 1 and p[0] >= 0x80 for p in pieces)  # a lone byte of a multi-byte character
+
+
+def _engine(tiny, **kw):
+    model, tokenizer = tiny
+    settings = dict(max_reasoning_tokens=6, answer_tokens=3, temperature=1.0, batch_size=4)
+    return RolloutEngine(model, tokenizer, RolloutSettings(**{**settings, **kw})), tokenizer
+
+
+def test_answer_forcing_inserts_and_masks_the_format(tiny):
+    engine, tokenizer = _engine(tiny)
+    prompts = [PromptBuilder(tokenizer).prompt_ids(tokenizer("a b c d")["input_ids"], 2, 3)] * 5
+    for r in engine.generate(prompts):
+        assert r.reasoning_len <= 6 and not r.closed_think  # a random model never closes </think>
+        assert len(r.response_ids) == len(r.sampled_mask)
+        inserted = [t for t, m in zip(r.response_ids, r.sampled_mask) if m == 0]
+        assert inserted == engine.close_ids + engine.box_ids
+        assert "</think>" in r.text and "\\boxed{" in r.text
+        assert sum(r.sampled_mask) <= 6 + 3
+
+
+def test_without_forcing_a_missing_answer_is_none(tiny):
+    engine, tokenizer = _engine(tiny, force_answer=False)
+    prompts = [PromptBuilder(tokenizer).prompt_ids(tokenizer("a b c d")["input_ids"], 2, 3)] * 3
+    for r in engine.generate(prompts):
+        assert all(r.sampled_mask) and extract_prediction(r.text) is None
+
+
+def test_samples_depend_on_seeds_not_on_batching(tiny):
+    engine, tokenizer = _engine(tiny)
+    builder = PromptBuilder(tokenizer)
+    ids = tokenizer("one two three four five six", add_special_tokens=False)["input_ids"]
+    prompts = [builder.prompt_ids(ids, t, 3) for t in (1, 2, 3, 4, 5)]
+    seeds = [11, 22, 33, 44, 55]
+    together = [r.response_ids for r in engine.generate(prompts, seeds)]
+    engine.settings.batch_size = 2
+    apart = [r.response_ids for r in engine.generate(prompts, seeds)]
+    assert together == apart
+    again = [r.response_ids for r in engine.generate(prompts[::-1], seeds[::-1])][::-1]
+    assert again == together
+    assert [r.response_ids for r in engine.generate(prompts, [1, 2, 3, 4, 5])] != together
+
+
+def test_greedy_is_deterministic(tiny):
+    engine, tokenizer = _engine(tiny, temperature=0.0)
+    prompt = PromptBuilder(tokenizer).prompt_ids(tokenizer("x y z")["input_ids"], 2, 3)
+    a, b = engine.generate([prompt] * 2, [1, 2])
+    assert a.response_ids == b.response_ids
+    model, _ = tiny
+    with torch.no_grad():
+        first = model(torch.tensor([prompt])).logits[0, -1].argmax().item()
+    assert a.response_ids[0] == first
