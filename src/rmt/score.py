@@ -236,7 +236,7 @@ def check_existing(out: Path, meta: dict) -> None:
 
 
 def split_stats(plan: SplitPlan, entropy: np.ndarray, thresholds) -> dict:
-    counts = np.bincount(assign_bands(entropy, thresholds), minlength=len(BAND_KEYS)) if entropy.size else [0] * 4
+    counts = np.bincount(assign_bands(entropy, thresholds), minlength=len(BAND_KEYS))
     quantiles = np.percentile(entropy, QUANTILES) if entropy.size else [None] * len(QUANTILES)
     return {
         "documents": plan.documents,
@@ -285,6 +285,16 @@ class ScoreReport:
         return self.scored_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def load_proxy(model_name: str, options: ScoreOptions):
+    model = load_model(model_name).eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions and options.max_length > max_positions:
+        raise RmtError(f"--max-length {options.max_length} exceeds the model's {max_positions} positions")
+    return model
+
+
 def score_dataset(model_name: str, corpus_spec: str, out: str | Path, splits: list[str], options: ScoreOptions):
     """Score ``splits`` of a corpus into ``out`` (layout in `rmt.scored`), resuming what is already there."""
     out = Path(out)
@@ -301,17 +311,12 @@ def score_dataset(model_name: str, corpus_spec: str, out: str | Path, splits: li
             f"corpus '{corpus_spec}' has no document longer than --min-context={options.min_context} tokens in "
             f"split(s) {', '.join(splits)}: nothing to score; lower --min-context or give longer documents"
         )
-    model = load_model(model_name).eval()
-    if torch.cuda.is_available():
-        model.to("cuda")
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions and options.max_length > max_positions:
-        raise RmtError(f"--max-length {options.max_length} exceeds the model's {max_positions} positions")
+    shards = [(split, i) for split in splits for i in range(len(plans[split].shards))]
+    todo = {(split, i) for split, i in shards if not shard_path(out, split, i).is_file()}
+    model = load_proxy(model_name, options) if todo else None  # a complete folder only re-reads its shards
 
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / META_FILE, meta)
-    shards = [(split, i) for split in splits for i in range(len(plans[split].shards))]
-    todo = {(split, i) for split, i in shards if not shard_path(out, split, i).is_file()}
     if todo:
         (out / STATS_FILE).unlink(missing_ok=True)  # the folder is incomplete until stats.json is rewritten
     total = sum(w.tokens for split, i in todo for w in plans[split].shards[i])
@@ -353,7 +358,8 @@ def score_dataset(model_name: str, corpus_spec: str, out: str | Path, splits: li
         "splits": {split: split_stats(plans[split], entropies[split], thresholds) for split in splits},
     }
     vocabulary = f"top-{options.top_k}" if options.top_k else "full vocabulary"
-    title = f"Next-token entropy: {Path(model_name).name}, {vocabulary}, {options.band_mode} bands"
+    bands = "fixed bands" if options.band_mode == "fixed" else f"quantile bands from {splits[0]}"
+    title = f"Next-token entropy: {Path(model_name).name}, {vocabulary}, {bands}"
     plot_histogram(out / HIST_FILE, entropies, thresholds, title)
     write_json_atomic(out / STATS_FILE, stats)  # last: marks the folder complete
     return ScoreReport(stats, total, seconds)
