@@ -40,3 +40,24 @@ def test_two_process_training_matches_one_process(tiny_model_dir, tiny_scored_di
     w2 = load_file(latest_checkpoint(double) / "model.safetensors")
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-6)
+
+
+def test_two_process_scoring_writes_the_same_dataset(tiny_model_dir, tmp_path):
+    from helpers import write_corpus
+
+    from rmt.score import ScoreOptions, score_dataset
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", n=40)
+    for mode in ("fixed", "quantile"):
+        options = ["--top-k", "0", "--max-length", "48", "--stride", "40", "--min-context", "8",
+                   "--docs-per-shard", "5", "--band-mode", mode, "--thresholds", "5.5,5.8,6.0"]
+        one, two = tmp_path / f"one-{mode}", tmp_path / f"two-{mode}"
+        score_dataset(str(tiny_model_dir), str(corpus), one, ["midtrain", "eval"], ScoreOptions(
+            top_k=0, max_length=48, stride=40, min_context=8, docs_per_shard=5, band_mode=mode,
+            thresholds=(5.5, 5.8, 6.0)))
+        torchrun(["score", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--out", str(two), *options])
+        files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file() and p.suffix != ".png")
+        assert len([f for f in files if f.suffix == ".parquet"]) >= 4  # several shards, split across ranks
+        assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file() and p.suffix != ".png")
+        for f in files:
+            assert (one / f).read_bytes() == (two / f).read_bytes(), f

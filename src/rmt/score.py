@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from rmt.assets import EMBEDDED_MODEL, load_model, load_tokenizer
@@ -285,10 +287,8 @@ class ScoreReport:
         return self.scored_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def load_proxy(model_name: str, options: ScoreOptions):
-    model = load_model(model_name).eval()
-    if torch.cuda.is_available():
-        model.to("cuda")
+def load_proxy(model_name: str, options: ScoreOptions, device):
+    model = load_model(model_name).eval().to(device)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and options.max_length > max_positions:
         raise RmtError(f"--max-length {options.max_length} exceeds the model's {max_positions} positions")
@@ -313,44 +313,63 @@ def score_dataset(model_name: str, corpus_spec: str, out: str | Path, splits: li
         )
     shards = [(split, i) for split in splits for i in range(len(plans[split].shards))]
     todo = {(split, i) for split, i in shards if not shard_path(out, split, i).is_file()}
-    model = load_proxy(model_name, options) if todo else None  # a complete folder only re-reads its shards
+    # Under torchrun / accelerate launch each process scores every world-th shard; one process alone
+    # scores them all. Shards are the same files either way.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    mine = [shard for k, shard in enumerate(shards) if k % world == rank]
+    model = load_proxy(model_name, options, accelerator.device) if todo & set(mine) else None
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / META_FILE, meta)
-    if todo:
-        (out / STATS_FILE).unlink(missing_ok=True)  # the folder is incomplete until stats.json is rewritten
-    total = sum(w.tokens for split, i in todo for w in plans[split].shards[i])
-
-    thresholds = options.thresholds if options.band_mode == "fixed" else None
-    held: list[tuple[Path, list[Window], list[np.ndarray]]] = []  # scored, waiting for quantile thresholds
-    entropies: dict[str, np.ndarray] = {}
-    start = time.perf_counter()
-    with tqdm(total=total, unit="tok", unit_scale=True, desc="scoring", disable=not total) as progress:
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / META_FILE, meta)
+        if todo:
+            (out / STATS_FILE).unlink(missing_ok=True)  # the folder is incomplete until stats.json is rewritten
         for split in splits:
             (out / split).mkdir(exist_ok=True)
+    accelerator.wait_for_everyone()
+    total = sum(w.tokens for split, i in todo & set(mine) for w in plans[split].shards[i])
+
+    quantile = options.band_mode == "quantile"
+    held: list[tuple[Path, list[Window], list[np.ndarray]]] = []  # scored, waiting for quantile thresholds
+    first_split: list[np.ndarray] = []  # this process's entropies of the first split, for quantile thresholds
+    start = time.perf_counter()
+    with tqdm(total=total, unit="tok", unit_scale=True, desc="scoring", disable=not (total and main)) as progress:
+        for split, index in mine:
             progress.set_description(f"scoring {split}")
-            scored = []
-            for index, windows in enumerate(plans[split].shards):
-                path = shard_path(out, split, index)
-                if (split, index) not in todo:
-                    shard_entropies = stored_entropies(path, windows)
+            path, windows = shard_path(out, split, index), plans[split].shards[index]
+            if (split, index) not in todo:
+                shard_entropies = stored_entropies(path, windows)
+            else:
+                shard_entropies = score_windows(model, windows, options, tokenizer.pad_token_id, progress)
+                if quantile:
+                    held.append((path, windows, shard_entropies))
                 else:
-                    shard_entropies = score_windows(model, windows, options, tokenizer.pad_token_id, progress)
-                    if thresholds is None:
-                        held.append((path, windows, shard_entropies))
-                    else:
-                        write_shard(path, scored_windows(windows, shard_entropies, thresholds))
-                scored.extend(e[~np.isnan(e)] for e in shard_entropies)
-            entropies[split] = np.concatenate(scored) if scored else np.zeros(0, dtype=np.float32)
-            if thresholds is None:
-                try:
-                    thresholds = quantile_thresholds(entropies[split], floor=options.thresholds[0])
-                except ValueError as exc:
-                    raise RmtError(f"quantile thresholds from split '{split}': {exc}") from exc
-                for path, windows, shard_entropies in held:
-                    write_shard(path, scored_windows(windows, shard_entropies, thresholds))
+                    write_shard(path, scored_windows(windows, shard_entropies, options.thresholds))
+            if split == splits[0]:
+                first_split.extend(e[~np.isnan(e)] for e in shard_entropies)
     seconds = time.perf_counter() - start
 
+    thresholds = options.thresholds
+    if quantile:
+        gathered = gather_object([np.concatenate(first_split)] if first_split else []) if world > 1 else first_split
+        pooled = np.concatenate(gathered) if gathered else np.zeros(0, dtype=np.float32)
+        try:
+            thresholds = quantile_thresholds(pooled, floor=options.thresholds[0])
+        except ValueError as exc:
+            raise RmtError(f"quantile thresholds from split '{splits[0]}': {exc}") from exc
+        for path, windows, shard_entropies in held:
+            write_shard(path, scored_windows(windows, shard_entropies, thresholds))
+    accelerator.wait_for_everyone()
+    scored_tokens = int(accelerator.reduce(torch.tensor(total, device=accelerator.device), "sum")) if world > 1 else total
+    if not main:
+        return ScoreReport({}, scored_tokens, seconds)
+
+    # Statistics from the shards as written, so they are the same however many processes scored them.
+    entropies = {}
+    for split in splits:
+        stored = [e for i in range(len(plans[split].shards)) for e in stored_entropies(shard_path(out, split, i), plans[split].shards[i])]
+        entropies[split] = np.concatenate([e[~np.isnan(e)] for e in stored]) if stored else np.zeros(0, np.float32)
     stats = {
         "format": FORMAT,
         "band_mode": options.band_mode,
@@ -362,7 +381,7 @@ def score_dataset(model_name: str, corpus_spec: str, out: str | Path, splits: li
     title = f"Next-token entropy: {Path(model_name).name}, {vocabulary}, {bands}"
     plot_histogram(out / HIST_FILE, entropies, thresholds, title)
     write_json_atomic(out / STATS_FILE, stats)  # last: marks the folder complete
-    return ScoreReport(stats, total, seconds)
+    return ScoreReport(stats, scored_tokens, seconds)
 
 
 def print_report(report: ScoreReport, out: Path) -> None:
@@ -429,5 +448,6 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     report = score_dataset(args.model, args.corpus, args.out, splits, options)
-    print_report(report, args.out)
+    if report.stats:  # the main process reports for all
+        print_report(report, args.out)
     return 0
