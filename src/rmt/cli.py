@@ -15,6 +15,7 @@ COMMANDS = {
     "doctor": ("rmt.doctor", "check the installation: torch, device, embedded model and corpus, cache"),
     "train": ("rmt.train", "mid-train a model: rmt / rpt / ntp methods and ablations (SPEC §8)"),
     "score": ("rmt.score", "score token difficulty: proxy-model entropy and band of every corpus token"),
+    "posttrain": ("rmt.posttrain", "GRPO on math questions with verifiable answers, accuracy before and after"),
 }
 
 
