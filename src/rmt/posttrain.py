@@ -209,7 +209,7 @@ def posttrain(config: PostTrainConfig, resume: bool = False) -> Path:
               "before": None, "after": None}
     start_step = 0
     if resume:
-        start_step = checkpoint.load_checkpoint(accelerator, checkpoint.latest_checkpoint(run_dir))
+        start_step = checkpoint.load_checkpoint(accelerator, checkpoint.latest_checkpoint(run_dir), model)
         if (run_dir / EVAL_FILE).exists():
             report["before"] = json.loads((run_dir / EVAL_FILE).read_text())["before"]
         if main:  # drop lines logged after the checkpoint: they are recomputed identically

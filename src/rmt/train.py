@@ -142,7 +142,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     accelerator.register_for_checkpointing(sampler, data)
     start_step = 0
     if resume:
-        start_step = checkpoint.load_checkpoint(accelerator, checkpoint.latest_checkpoint(run_dir))
+        start_step = checkpoint.load_checkpoint(accelerator, checkpoint.latest_checkpoint(run_dir), model)
         if main:  # drop lines logged after the checkpoint: they are recomputed identically
             lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
             kept = [line for line in lines if json.loads(line)["step"] <= start_step]
