@@ -144,3 +144,18 @@ def test_config_typo_is_one_clear_error(capsys):
 def test_missing_scored_data_is_one_clear_error(tmp_path, capsys):
     assert main(["train", f"--data={tmp_path}", f"--out={tmp_path / 'run'}"]) == 2
     assert "rmt train: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [[], ["ntp.weight=0"], ["method=ntp"], ["rollout.zero_std=skip", "rl.kl_coef=0.05"]])
+def test_fast_paths_match_the_reference_path(tiny_model_dir, tiny_scored_dir, tmp_path, extra):
+    """Shared-prefix rollouts and packed training give the run the reference path gives."""
+    runs = []
+    for name, switches in (("fast", []), ("reference", ["rollout.shared_prefix=false", "optim.packed=false"])):
+        config = tiny_config(tiny_model_dir, tiny_scored_dir, tmp_path / name, "steps=3", *extra, *switches)
+        runs.append(read_metrics(train(config)))
+    for fast, reference in zip(*runs):
+        assert fast["tokens_generated" if "tokens_generated" in fast else "step"] == \
+            reference["tokens_generated" if "tokens_generated" in reference else "step"]
+        for key in ("loss", "loss_rl", "loss_ntp", "grad_norm", "reward_mean"):
+            if key in fast:
+                assert fast[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key

@@ -64,6 +64,9 @@ class RolloutConfig:
     prompt_style: str = "auto"  # auto | chat | plain
     prefill_think: bool = True  # the prompt ends with "<think>\n"
     zero_std: str = "keep"  # keep | skip: groups whose rewards are all equal carry no signal
+    # Encode each document's prompt prefix once and decode all its positions' rollouts from that
+    # cache (false: one full prompt per rollout, the reference path).
+    shared_prefix: bool = True
 
 
 @dataclass
@@ -90,7 +93,11 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
     grad_clip: float = 1.0
-    micro_batch: int = 16  # sequences per training forward; gradients accumulate over micro-batches
+    micro_batch: int = 16  # sequences per training forward (unpacked path); gradients accumulate
+    # One forward per document over [window | prompt prefix | post + response_1 | ...] with a block
+    # attention mask, computing NTP and all its responses' log-probs (false: the reference path).
+    packed: bool = True
+    pack_tokens: int = 2048  # longest packed sequence; a document with more responses gets several packs
 
 
 @dataclass

@@ -245,7 +245,6 @@ class RolloutEngine:
             cache, logits = out.cache, out.logits[:, -1]
             next_pos = next_pos + 1
 
-
     def _prefix_states(self, docs: list[SharedPrompts]) -> dict | None:
         """Key/value states of each document's prefix, `{doc: [(keys, values) per layer]}`, each
         [kv_heads, len(prefix), head_dim]; None if the model's cache is not a plain full-attention one."""

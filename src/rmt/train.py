@@ -31,7 +31,8 @@ from rmt.forward import document_logits, response_logprobs
 from rmt.losses import grpo_loss, group_advantages, ntp_loss
 from rmt.prompts import PromptBuilder
 from rmt.rewards import extract_prediction, match_reward, total_reward
-from rmt.rollout import RolloutEngine, RolloutSettings
+from rmt.packed import PackItem, pack_documents, packed_losses
+from rmt.rollout import RolloutEngine, RolloutSettings, document_prompts
 from rmt.scored import load_scored
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -176,10 +177,16 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         if rl:
             # ---- rollouts: G responses per position, batched -------------------------------------
             t1 = time.perf_counter()
-            prompts = [builder.prompt_ids(d.input_ids, t, budget) for d, t in groups for _ in range(G)]
+            seeds = rollout_seeds(config.seed, step, rank * share, positions, G)
             policy.eval()
             with accelerator.autocast():
-                rollouts = engine.generate(prompts, seeds=rollout_seeds(config.seed, step, rank * share, positions, G))
+                if config.rollout.shared_prefix:
+                    pre, post = builder.parts(budget)
+                    shared = [document_prompts(pre, d.input_ids, pos, post) for d, pos in zip(docs, positions)]
+                    rollouts = engine.generate_shared(shared, G, seeds)
+                else:
+                    prompts = [builder.prompt_ids(d.input_ids, t, budget) for d, t in groups for _ in range(G)]
+                    rollouts = engine.generate(prompts, seeds)
             policy.train()
             t_rollout = time.perf_counter() - t1
 
@@ -210,7 +217,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         # ---- loss: L_RL + λ·L_NTP over the same documents (SPEC §6, §7) ---------------------------
         t1 = time.perf_counter()
         losses = accumulate_gradients(config, model, reference, accelerator, tokenizer, docs, positions,
-                                      rollouts, advantages)
+                                      rollouts, advantages, builder.parts(budget) if config.optim.packed else None)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -254,30 +261,42 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     return run_dir
 
 
-def accumulate_gradients(config, model, reference, accelerator, tokenizer, docs, positions, rollouts, advantages):
-    """Backpropagate L_RL + λ·L_NTP in micro-batches; returns the loss values.
+def accumulate_gradients(config, model, reference, accelerator, tokenizer, docs, positions, rollouts, advantages,
+                         prompt_parts=None):
+    """Backpropagate L_RL + λ·L_NTP; returns the loss values.
 
-    Both losses are token-level means over the whole step on all ranks, so a step gives the same
-    gradient whatever the micro-batch size or number of processes (the engine averages over ranks,
-    hence the factor `world`).
+    With `prompt_parts` (the prompt's `pre`, `post` ids) each document is one packed forward over its
+    window and all its responses (`rmt.packed`); without, responses go in padded micro-batches and the
+    documents in a separate pass. Both losses are token-level means over the whole step on all ranks,
+    so a step gives the same gradient whatever the packing, micro-batch size or number of processes
+    (the engine averages over ranks, hence the factor `world`).
     """
     world = accelerator.num_processes
     pad = tokenizer.pad_token_id
     micro = config.optim.micro_batch
     loss_rl = loss_ntp = torch.zeros((), device=accelerator.device)
 
-    rl_items = []
+    rl_items = []  # (rollout, advantage, document index, position)
     if rollouts:
+        G = config.rollout.group_size
+        where = [(i, int(t)) for i, pos in enumerate(positions) for t in pos]
         adv = advantages.flatten().tolist()
-        keep_group = (advantages != 0).any(dim=1).repeat_interleave(config.rollout.group_size).tolist()
-        rl_items = [(r, a) for r, a, k in zip(rollouts, adv, keep_group)
-                    if k or config.rollout.zero_std == "keep"]
-    rl_tokens = global_sum(accelerator, sum(sum(r.sampled_mask) for r, _ in rl_items))
+        signal = (advantages != 0).any(dim=1).tolist()
+        rl_items = [(r, a, *where[k // G]) for k, (r, a) in enumerate(zip(rollouts, adv))
+                    if signal[k // G] or config.rollout.zero_std == "keep"]
+    rl_tokens = global_sum(accelerator, sum(sum(r.sampled_mask) for r, *_ in rl_items))
     lam = config.ntp.weight
     ntp_masks = [ntp_target_mask(d, pos) for d, pos in zip(docs, positions)]
     ntp_tokens = global_sum(accelerator, sum(int(mk.sum()) for mk in ntp_masks)) if lam > 0 else 0
 
-    n_backward = (-(-len(rl_items) // micro) if rl_tokens else 0) + (-(-len(docs) // micro) if ntp_tokens else 0)
+    packs = None
+    if prompt_parts is not None:
+        items = [PackItem(i, t, r.response_ids, r.sampled_mask) for r, _, i, t in rl_items]
+        packs = pack_documents(*prompt_parts, [d.input_ids for d in docs], items, with_windows=ntp_tokens > 0,
+                               max_tokens=config.optim.pack_tokens)
+        n_backward = len(packs)
+    else:
+        n_backward = (-(-len(rl_items) // micro) if rl_tokens else 0) + (-(-len(docs) // micro) if ntp_tokens else 0)
     done = 0
 
     def backward(loss):
@@ -289,27 +308,34 @@ def accumulate_gradients(config, model, reference, accelerator, tokenizer, docs,
             accelerator.backward(loss)
 
     stats = {}
-    if rl_tokens:
+    if packs is not None:
+        advantages_t = torch.tensor([a for _, a, *_ in rl_items], dtype=torch.float32)
+        loss_rl, loss_ntp, stats = packed_losses(
+            model, packs, advantages_t, ntp_masks, rl_tokens, ntp_tokens, lam, config.rl.clip_eps,
+            backward=lambda loss: backward(loss * world), reference=reference, kl_coef=config.rl.kl_coef,
+            autocast=accelerator.autocast,
+        )
+    if packs is None and rl_tokens:
         for i in range(0, len(rl_items), micro):
             chunk = rl_items[i : i + micro]
             with accelerator.autocast():
                 logprobs, mask = response_logprobs(
-                    model, [r.prompt_ids for r, _ in chunk], [r.response_ids for r, _ in chunk],
-                    [r.sampled_mask for r, _ in chunk], pad,
+                    model, [r.prompt_ids for r, *_ in chunk], [r.response_ids for r, *_ in chunk],
+                    [r.sampled_mask for r, *_ in chunk], pad,
                 )
             ref = None
             if reference is not None:
                 with torch.no_grad(), accelerator.autocast():
-                    ref, _ = response_logprobs(reference, [r.prompt_ids for r, _ in chunk],
-                                               [r.response_ids for r, _ in chunk], [r.sampled_mask for r, _ in chunk], pad)
-            adv_t = torch.tensor([a for _, a in chunk], device=logprobs.device)
+                    ref, _ = response_logprobs(reference, [r.prompt_ids for r, *_ in chunk],
+                                               [r.response_ids for r, *_ in chunk], [r.sampled_mask for r, *_ in chunk], pad)
+            adv_t = torch.tensor([a for _, a, *_ in chunk], device=logprobs.device)
             # One policy update per batch of rollouts: the old policy is the current one (ratio = 1).
             mean_loss, stats = grpo_loss(logprobs, logprobs.detach(), adv_t, mask, config.rl.clip_eps,
                                          ref, config.rl.kl_coef)
             part = mean_loss * (mask.sum() / rl_tokens)
             backward(part * world)
             loss_rl = loss_rl + part.detach()
-    if ntp_tokens:
+    if packs is None and ntp_tokens:
         for i in range(0, len(docs), micro):
             chunk, masks = docs[i : i + micro], ntp_masks[i : i + micro]
             with accelerator.autocast():

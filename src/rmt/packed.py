@@ -1,0 +1,220 @@
+"""Packed training forward (SPEC §6, §7): a document's RL responses and its NTP targets in one forward.
+
+All P·G responses of one document share the prompt prefix `pre + x_<t` (SPEC §1). The naive forward
+(`forward.response_logprobs`) re-encodes that prefix for every response; a pack encodes it once:
+
+    [ x (bare window, NTP) | pre + x_<max t (trunk) | post + response_1 | post + response_2 | ... ]
+
+A 4D boolean attention mask (True = may attend; honoured by SDPA, not by the eager path, SPEC §12) and
+explicit position ids make every token see exactly what it sees in the naive forwards:
+
+- the window: itself, causally, positions from 0 -- the naive NTP forward over the bare window
+  (`forward.document_logits`): NTP stays ordinary language modelling of the text, without the instruction;
+- the trunk: itself, causally, positions from 0;
+- the segment of a response at position t: the first `len(pre) + t` trunk tokens and itself, causally,
+  positions continuing from `len(pre) + t` -- the naive forward over `pre + x_<t + post + response`.
+
+So the response log-probabilities, the NTP logits, the loss and its gradients equal the naive ones up to
+float rounding. A document whose responses would make the pack longer than `max_tokens` is split into
+several packs, each with its own copy of the trunk (SDPA's cost grows with the square of the length).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from rmt.losses import grpo_loss, ntp_loss, token_logprobs
+
+WINDOW, TRUNK = -1, 0  # segment ids; responses are 1, 2, ...
+
+
+@dataclass
+class PackItem:
+    """One response to pack: its document (an index into the windows), position t, tokens and mask."""
+
+    doc: int
+    position: int
+    response_ids: list[int]
+    sampled_mask: list[int]
+
+
+@dataclass
+class Pack:
+    """One packed sequence of length L: a document's window and/or trunk and some of its responses."""
+
+    doc: int
+    items: list[int]  # indices into the packed item list, in the order of the output rows
+    input_ids: torch.Tensor  # [L]
+    position_ids: torch.Tensor  # [L]
+    segments: torch.Tensor  # [L] WINDOW, TRUNK, or k >= 1 for the k-th response
+    trunk_view: torch.Tensor  # [L] trunk tokens each token may see besides its own segment
+    window_len: int  # the window segment is the first `window_len` tokens (0: no NTP in this pack)
+    trunk_start: int
+    response_logit_index: torch.Tensor  # [N] packed index of the logits scoring each response token
+    response_rows: torch.Tensor  # [N] output row of each response token
+    response_cols: torch.Tensor  # [N] output column (left padding, as in `forward.response_logprobs`)
+    sampled_mask: torch.Tensor  # [B, R] 1 on tokens the policy sampled
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def attention_mask(self) -> torch.Tensor:
+        """[1, 1, L, L] boolean, True where a query (row) may attend to a key (column)."""
+        index = torch.arange(len(self))
+        causal = index[None, :] <= index[:, None]
+        same = self.segments[:, None] == self.segments[None, :]
+        trunk = (self.segments == TRUNK)[None, :] & ((index - self.trunk_start)[None, :] < self.trunk_view[:, None])
+        return (causal & (same | trunk))[None, None]
+
+
+@dataclass
+class PackedOutput:
+    logprobs: torch.Tensor  # [B, R] as `forward.response_logprobs`: row b's response in its last columns
+    mask: torch.Tensor  # [B, R] sampled-token mask there
+    ntp_logits: torch.Tensor | None  # [1, n, V] logits over the bare window, as `forward.document_logits`
+    ntp_ids: torch.Tensor | None  # [1, n] the window's ids
+
+
+def pack_documents(
+    pre: list[int], post: list[int], windows: list, items: list[PackItem], with_windows: bool = True,
+    max_tokens: int = 2048,
+) -> list[Pack]:
+    """Packs for the responses `items` of documents `windows` (window ids per document).
+
+    With `with_windows`, every document's bare window is packed too (once, in its first pack) for NTP;
+    a document without responses then gets a pack of its window alone. Within a document, responses are
+    packed in order of position, so earlier packs need shorter trunks; at least one response goes into
+    each pack whatever `max_tokens` says.
+    """
+    by_doc: dict[int, list[int]] = {}
+    for k, item in enumerate(items):
+        if not 0 <= item.position <= len(windows[item.doc]):
+            raise ValueError(f"position {item.position} is outside document {item.doc} "
+                             f"({len(windows[item.doc])} tokens)")
+        by_doc.setdefault(item.doc, []).append(k)
+    docs = range(len(windows)) if with_windows else sorted(by_doc)
+    head = len(post) if post else 1
+
+    def size(chunk: list[int], window: int) -> int:
+        trunk = len(pre) + max(items[k].position for k in chunk) if chunk else 0
+        return window + trunk + sum(head + len(items[k].response_ids) for k in chunk)
+
+    packs = []
+    for d in docs:
+        window = [int(i) for i in windows[d]]
+        chunks = [[]]
+        for k in sorted(by_doc.get(d, []), key=lambda k: items[k].position):
+            first = len(window) if with_windows and len(chunks) == 1 else 0
+            if chunks[-1] and size(chunks[-1] + [k], first) > max_tokens:
+                chunks.append([])
+            chunks[-1].append(k)
+        for i, chunk in enumerate(chunks):
+            packs.append(_build_pack(d, pre, post, window, items, chunk, with_window=with_windows and i == 0))
+    return packs
+
+
+def _build_pack(doc, pre, post, window, items, chunk, with_window: bool) -> Pack:
+    ids, positions, segments, view = [], [], [], []
+
+    def add(tokens, first_position, segment, sees):
+        ids.extend(tokens)
+        positions.extend(range(first_position, first_position + len(tokens)))
+        segments.extend([segment] * len(tokens))
+        view.extend([sees] * len(tokens))
+
+    if with_window:
+        add(window, 0, WINDOW, 0)
+    trunk_start = len(ids)
+    trunk = list(pre) + window[: max((items[k].position for k in chunk), default=0)] if chunk else []
+    add(trunk, 0, TRUNK, 0)
+    width = max((len(items[k].response_ids) for k in chunk), default=0)
+    logit_index, rows, cols = [], [], []
+    sampled = torch.zeros((len(chunk), width))
+    for row, k in enumerate(chunk):
+        item = items[k]
+        cut = len(pre) + item.position
+        # The segment starts with `post`; without one, with the prompt's last token (re-encoded).
+        seen = cut if post else cut - 1
+        head = trunk[seen:cut] + list(post)
+        start = len(ids)
+        add(head + list(item.response_ids), seen, row + 1, seen)
+        n = len(item.response_ids)
+        logit_index.extend(range(start + len(head) - 1, start + len(head) - 1 + n))
+        rows.extend([row] * n)
+        cols.extend(range(width - n, width))
+        sampled[row, width - n :] = torch.tensor(item.sampled_mask, dtype=sampled.dtype)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return Pack(
+        doc=doc, items=list(chunk), input_ids=as_long(ids), position_ids=as_long(positions),
+        segments=as_long(segments), trunk_view=as_long(view), window_len=trunk_start, trunk_start=trunk_start,
+        response_logit_index=as_long(logit_index), response_rows=as_long(rows), response_cols=as_long(cols),
+        sampled_mask=sampled,
+    )
+
+
+def packed_forward(model, pack: Pack) -> PackedOutput:
+    """One forward over `pack` (the model must use SDPA attention); only the logits that score a
+    response token or a window token are computed."""
+    attention = getattr(getattr(model, "module", model).config, "_attn_implementation", None)
+    if attention != "sdpa":  # eager adds the mask to the scores: a boolean one is silently wrong (SPEC §12)
+        raise ValueError(f"packed training needs a model loaded with attn_implementation='sdpa', not '{attention}'")
+    device = next(model.parameters()).device
+    keep = torch.cat([torch.arange(pack.window_len), pack.response_logit_index]).to(device)
+    ids = pack.input_ids.to(device)
+    logits = model(
+        input_ids=ids[None], position_ids=pack.position_ids.to(device)[None],
+        attention_mask=pack.attention_mask().to(device), logits_to_keep=keep,
+    ).logits[0]
+    n = pack.window_len
+    flat = token_logprobs(logits[n:], ids[pack.response_logit_index.to(device) + 1])
+    mask = pack.sampled_mask.to(device)
+    where = (pack.response_rows.to(device), pack.response_cols.to(device))
+    logprobs = flat.new_zeros(mask.shape).index_put(where, flat)
+    if not n:
+        return PackedOutput(logprobs, mask, None, None)
+    return PackedOutput(logprobs, mask, logits[None, :n], ids[None, :n])
+
+
+def packed_losses(
+    model, packs: list[Pack], advantages: torch.Tensor, ntp_masks: list, rl_tokens: float, ntp_tokens: float,
+    ntp_weight: float, clip_eps: float = 0.2, backward=None, reference=None, kl_coef: float = 0.0,
+    autocast=contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Backpropagate `L_RL + λ·L_NTP` (SPEC §6, §7) pack by pack, one backward per pack.
+
+    The packed counterpart of the loss loop of `train.accumulate_gradients`, with the same scaling:
+    each pack's GRPO loss is weighted by its share of the step's `rl_tokens` sampled tokens, its NTP
+    loss (targets `ntp_masks[pack.doc]`, a boolean array per document) by its share of `ntp_tokens`,
+    so the step's gradient equals the naive one. `advantages[k]` belongs to the packed item k.
+    `backward(loss)` defaults to `loss.backward()` (pass the engine's, e.g. with gradient sync on the
+    last pack only). Returns the detached RL and NTP losses and the last GRPO stats.
+    """
+    backward = backward or (lambda loss: loss.backward())
+    device = next(model.parameters()).device
+    loss_rl = loss_ntp = torch.zeros((), device=device)
+    stats: dict = {}
+    for pack in packs:
+        with autocast():
+            out = packed_forward(model, pack)
+        total = torch.zeros((), device=device)
+        if rl_tokens and pack.items:
+            ref = None
+            if reference is not None:
+                with torch.no_grad(), autocast():
+                    ref = packed_forward(reference, pack).logprobs
+            adv = advantages[pack.items].to(device)
+            # One policy update per batch of rollouts: the old policy is the current one (ratio = 1).
+            loss, stats = grpo_loss(out.logprobs, out.logprobs.detach(), adv, out.mask, clip_eps, ref, kl_coef)
+            part = loss * (out.mask.sum() / rl_tokens)
+            total = total + part
+            loss_rl = loss_rl + part.detach()
+        if ntp_tokens and out.ntp_logits is not None:
+            target = torch.as_tensor(ntp_masks[pack.doc], dtype=torch.float32, device=device)[None]
+            part = ntp_loss(out.ntp_logits, out.ntp_ids, target) * (target.sum() / ntp_tokens)
+            total = total + ntp_weight * part
+            loss_ntp = loss_ntp + part.detach()
+        backward(total)
+    return loss_rl, loss_ntp, stats
