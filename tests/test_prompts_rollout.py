@@ -93,3 +93,26 @@ def test_greedy_is_deterministic(tiny):
     with torch.no_grad():
         first = model(torch.tensor([prompt])).logits[0, -1].argmax().item()
     assert a.response_ids[0] == first
+
+
+def test_an_end_of_sequence_during_reasoning_is_replaced_by_the_forced_answer(tiny):
+    model, tokenizer = tiny
+    engine, _ = _engine(tiny, max_reasoning_tokens=20)
+    eos = tokenizer.eos_token_id
+    original = model.forward
+
+    def eos_after_two(*args, **kwargs):  # the policy wants to stop after two reasoning tokens
+        out = original(*args, **kwargs)
+        if kwargs.get("cache") is not None and kwargs["input_ids"].shape[1] == 1:
+            out.logits[..., eos] = 1e4
+        return out
+
+    model.forward = eos_after_two
+    try:
+        (r,) = engine.generate([PromptBuilder(tokenizer).prompt_ids(tokenizer("a b")["input_ids"], 1, 3)])
+    finally:
+        model.forward = original
+    # The first token came from the prefill's logits; the EOS sampled next was replaced by the format.
+    forced = engine.close_ids + engine.box_ids
+    assert r.response_ids[0] != eos and r.reasoning_len == 1
+    assert r.response_ids[1 : 1 + len(forced)] == forced and r.sampled_mask[1 : 1 + len(forced)] == [0] * len(forced)

@@ -170,6 +170,10 @@ class RolloutEngine:
         """Choose this row's next token (a queued insertion wins over the sample) and update its state."""
         s = self.settings
         r = row.rollout
+        if not row.queue and row.phase == "reason" and sampled in self.eos_ids and s.force_answer:
+            # The policy would stop before answering: with forcing, its end-of-sequence token is not kept
+            # (it would sit between the reasoning and the inserted answer) and the format is inserted instead.
+            self._end_reasoning(row, closed=False)
         if row.queue:
             token, is_sampled = row.queue.pop(0), 0
         else:
@@ -182,9 +186,8 @@ class RolloutEngine:
         if row.phase == "reason":
             r.reasoning_len += 1
             row.tail = (row.tail + piece)[-32:]
-            if token in self.eos_ids:
-                row.done = not s.force_answer
-                self._end_reasoning(row, closed=False)
+            if token in self.eos_ids:  # only without forcing (see above): no answer
+                row.done = True
             elif THINK_CLOSE in row.tail:
                 self._end_reasoning(row, closed=True)
             elif r.reasoning_len >= s.max_reasoning_tokens:
