@@ -10,9 +10,11 @@ four fresh worker processes each load the model and do one thing, so each one's 
   second pass over the document);
 - `packed-train`:   `packed.pack_documents` + `packed.packed_losses` (one forward per document).
 
-Both training workers use the shared-prefix rollouts (saved by `shared-rollout`), so they do the same
-work. With `trl` installed, a `trl` worker also runs one step of TRL's GRPOTrainer on the same prompts
-(same model, G, completion cap) for the configurations listed in `--trl-configs`.
+Each worker warms up first (one-time costs of the first calls) and keeps the best of `--repeats` timings
+(`--tiny-repeats` for the tiny model, whose timings are milliseconds). Both training workers use the
+shared-prefix rollouts (saved by `shared-rollout`), so they do the same work. With `trl` installed, a
+`trl` worker also runs one step of TRL's GRPOTrainer on the same prompts (same model, G, completion cap)
+for the configurations listed in `--trl-configs`. The machine is often shared: note its load.
 
     python benchmarks/step_speed.py                      # default: both models, 128x4x4 and 256x8x8
     python benchmarks/step_speed.py --models tiny --configs 128x4x4,128x8x8,256x4x4,256x8x8
@@ -82,9 +84,12 @@ def worker(args) -> dict:
             return engine.generate_shared([document_prompts(pre, window, positions, post)], copies)
 
         roll(positions[:1], 2)  # warm-up: first calls pay one-time costs (thread pools, kernel selection)
-        start = time.perf_counter()
-        rollouts = roll(positions, G)
-        seconds = time.perf_counter() - start
+        seconds = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            rollouts = roll(positions, G)
+            seconds.append(time.perf_counter() - start)
+        seconds = min(seconds)
         result.update(seconds=seconds, tokens=sum(len(r.response_ids) for r in rollouts),
                       prompt_tokens=sum(len(r.prompt_ids) for r in rollouts))
         if args.save:
@@ -117,21 +122,24 @@ def train_step(args, model, tokenizer, window, positions, pre, post, rollouts) -
     config, accelerator = load_config(None, [f"rollout.group_size={G}"]), Accelerator(cpu=True)
     model.train()
     model(input_ids=torch.tensor([window[:64]]), labels=torch.tensor([window[:64]])).loss.backward()  # warm-up
-    model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
-    if args.mode == "naive-train":
-        accumulate_gradients(config, model, None, accelerator, tokenizer, [doc], [np.array(positions)],
-                             rollouts, advantages)
-        tokens = n + sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
-    else:
-        items = [PackItem(0, t, r.response_ids, r.sampled_mask)
-                 for r, t in zip(rollouts, [t for t in positions for _ in range(G)])]
-        masks = [ntp_target_mask(doc, positions)]
-        packs = pack_documents(pre, post, [window], items, max_tokens=args.pack_tokens)
-        packed_losses(model, packs, advantages.flatten(), masks, sum(sum(r.sampled_mask) for r in rollouts),
-                      int(masks[0].sum()), 0.1)
-        tokens = sum(len(pack) for pack in packs)
-    return time.perf_counter() - start, tokens
+    seconds = []
+    for _ in range(args.repeats):
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        if args.mode == "naive-train":
+            accumulate_gradients(config, model, None, accelerator, tokenizer, [doc], [np.array(positions)],
+                                 rollouts, advantages)
+            tokens = n + sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
+        else:
+            items = [PackItem(0, t, r.response_ids, r.sampled_mask)
+                     for r, t in zip(rollouts, [t for t in positions for _ in range(G)])]
+            masks = [ntp_target_mask(doc, positions)]
+            packs = pack_documents(pre, post, [window], items, max_tokens=args.pack_tokens)
+            packed_losses(model, packs, advantages.flatten(), masks, sum(sum(r.sampled_mask) for r in rollouts),
+                          int(masks[0].sum()), 0.1)
+            tokens = sum(len(pack) for pack in packs)
+        seconds.append(time.perf_counter() - start)
+    return min(seconds), tokens
 
 
 def trl_step(args, model, tokenizer, prompts) -> dict:
@@ -173,7 +181,8 @@ def run_worker(model: str, config: tuple[int, int, int], mode: str, args, extra=
     context, p, g = config
     command = [sys.executable, __file__, "--worker", mode, "--model", model, "--context", str(context),
                "--p", str(p), "--g", str(g), "--cap", str(args.cap), "--answer-tokens", str(args.answer_tokens),
-               "--batch-size", str(args.batch_size), "--pack-tokens", str(args.pack_tokens), *extra]
+               "--batch-size", str(args.batch_size), "--pack-tokens", str(args.pack_tokens),
+               "--repeats", str(args.repeats if model != args.tiny_path else args.tiny_repeats), *extra]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         sys.stderr.write(done.stderr[-3000:])
@@ -194,6 +203,8 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32, help="rollout batch size (rows)")
     parser.add_argument("--pack-tokens", type=int, default=2048, help="max tokens per packed sequence")
+    parser.add_argument("--repeats", type=int, default=1, help="time each operation this many times, keep the best")
+    parser.add_argument("--tiny-repeats", type=int, default=5, help="--repeats for the tiny model (milliseconds)")
     parser.add_argument("--out", default="runs/bench/step_speed.png", help="the plot")
     # worker arguments
     parser.add_argument("--worker", choices=(*MODES, "trl"), help=argparse.SUPPRESS)
@@ -217,13 +228,14 @@ def main() -> None:
         trl_configs = set()
     configs = parse_configs(args.configs)
     rows = []
+    args.tiny_path = None
     with tempfile.TemporaryDirectory() as tmp:
         models = {}
         for name in args.models.split(","):
             if name == "tiny":
                 from rmt.tiny import build_tiny_model
 
-                models[name] = str(build_tiny_model(Path(tmp) / "tiny"))
+                models[name] = args.tiny_path = str(build_tiny_model(Path(tmp) / "tiny"))
             else:
                 models[name] = name
         for name, path in models.items():

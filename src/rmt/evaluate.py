@@ -1,0 +1,359 @@
+"""`rmt eval`: next-token accuracy of a model on held-out scored documents (SPEC §9).
+
+Positions: every scored position of the `eval` split whose proxy entropy exceeds the floor (H > t0)
+forms the *pool*. Accuracy is reported on RPT's nested splits (easy H > t0, medium H > t1,
+hard H > t2, from the dataset's thresholds) and as their unweighted mean ("Avg." in both papers).
+
+- **NTP mode**: the greedy next token (argmax of the logits at t − 1) against x_t, on the whole pool;
+  one no-grad forward per window, in batches.
+- **NTR mode**: the model reasons, then writes `\\boxed{prediction}` (SPEC §1), on a fixed sample of
+  `positions` positions drawn uniformly without replacement from the pool with
+  `numpy.random.default_rng(seed)`. The sample depends only on the data and the seed, so every model
+  evaluated on the same data with the same seed answers the same positions. Decoding is greedy with a
+  reasoning cap of 2·B (or a fixed cap without a budget) and answer forcing (SPEC §3); the headline
+  accuracy is RMT's `exact` match, RPT's `prefix` match is reported beside it.
+
+Every evaluated position is stored in the JSON output (`records`), so any number can be recounted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rmt import assets
+from rmt.checkpoint import resolve_model_path
+from rmt.difficulty import BAND_NAMES, nested_split_masks
+from rmt.errors import RmtError
+from rmt.forward import document_logits
+from rmt.prompts import PromptBuilder
+from rmt.rewards import extract_prediction, match_reward
+from rmt.rollout import RolloutEngine, RolloutSettings
+from rmt.scored import ScoredWindow, load_scored, write_json_atomic
+
+MODES = ("ntp", "ntr")
+EVAL_FILE = "eval.json"  # a run folder's evaluation, read by `rmt report`
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How `rmt eval` evaluates; saved in the output so that results are only compared like with like."""
+
+    budget: int | None = 16
+    """Token budget B named in the NTR prompt; the reasoning cap is 2·B. None: no budget in the prompt."""
+    max_reasoning: int = 64
+    """Reasoning cap when `budget` is None."""
+    positions: int = 128
+    """NTR sample size (all of the pool if it is smaller)."""
+    seed: int = 0
+    """Seed of the NTR position sample."""
+    force_answer: bool = True
+    """Close `</think>` and open `\\boxed{` for the model when it has not (SPEC §3)."""
+    answer_tokens: int = 16
+    """Tokens allowed for the boxed answer after the reasoning."""
+    batch_size: int = 32
+    """Sequences per generation batch (NTR); windows per forward are a quarter of it (NTP)."""
+    prompt_style: str = "auto"
+    """auto | chat | plain (see `rmt.prompts.PromptBuilder`)."""
+
+    def __post_init__(self):
+        checks = [
+            (self.budget is None or self.budget >= 1, f"--budget must be >= 1 or none, got {self.budget}"),
+            (self.max_reasoning >= 1, f"--max-reasoning must be >= 1, got {self.max_reasoning}"),
+            (self.positions >= 1, f"--positions must be >= 1, got {self.positions}"),
+            (self.answer_tokens >= 1, f"--answer-tokens must be >= 1, got {self.answer_tokens}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.prompt_style in ("auto", "chat", "plain"), "--prompt-style must be auto, chat or plain"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RmtError(message)
+
+    @property
+    def reasoning_cap(self) -> int:
+        return 2 * self.budget if self.budget is not None else self.max_reasoning
+
+
+@dataclass(frozen=True)
+class Position:
+    """One evaluated position: target `windows[window].input_ids[t]`, with its proxy entropy."""
+
+    window: int  # index into the split's windows
+    t: int
+    entropy: float
+
+
+def position_pool(windows: list[ScoredWindow], floor: float) -> list[Position]:
+    """Scored positions with H > floor, in corpus order."""
+    pool = []
+    for i, w in enumerate(windows):
+        scored = ~np.isnan(w.entropy)
+        for t in np.flatnonzero(scored & (np.nan_to_num(w.entropy, nan=-np.inf) > floor)):
+            pool.append(Position(i, int(t), float(w.entropy[t])))
+    return pool
+
+
+def sample_positions(pool: list[Position], n: int, seed: int) -> list[Position]:
+    """The fixed NTR sample: `n` pool positions uniformly without replacement, kept in corpus order."""
+    if n >= len(pool):
+        return list(pool)
+    picked = np.random.default_rng(seed).choice(len(pool), size=n, replace=False)
+    return [pool[i] for i in sorted(picked.tolist())]
+
+
+def split_accuracy(entropy: np.ndarray, correct: np.ndarray, thresholds) -> dict:
+    """Accuracy per nested split and their mean ("avg", over splits that hold any position)."""
+    splits = {}
+    for name, mask in nested_split_masks(entropy, tuple(thresholds)).items():
+        n = int(mask.sum())
+        hits = int(correct[mask].sum())
+        splits[name] = {"n": n, "correct": hits, "accuracy": hits / n if n else None}
+    present = [s["accuracy"] for s in splits.values() if s["accuracy"] is not None]
+    return {"splits": splits, "avg": float(np.mean(present)) if present else None}
+
+
+@torch.inference_mode()
+def evaluate_ntp(model, tokenizer, windows: list[ScoredWindow], pool: list[Position], batch_size: int,
+                 progress: bool = True) -> list[dict]:
+    """Greedy next token at each pool position: one batched forward per group of windows."""
+    by_window: dict[int, list[Position]] = {}
+    for p in pool:
+        by_window.setdefault(p.window, []).append(p)
+    order = sorted(by_window, key=lambda i: -len(windows[i].input_ids))  # similar lengths pad little
+    records: dict[tuple[int, int], dict] = {}
+    bar = tqdm(total=len(pool), desc="eval ntp", unit="pos", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        logits, _, _ = document_logits(model, [windows[i].input_ids for i in chunk], tokenizer.pad_token_id)
+        for row, i in enumerate(chunk):
+            w = windows[i]
+            ts = [p.t for p in by_window[i]]
+            # The distribution over x_t is predicted at t - 1.
+            predicted = logits[row, [t - 1 for t in ts]].argmax(-1).tolist()
+            for p, token in zip(by_window[i], predicted):
+                target = int(w.input_ids[p.t])
+                records[(i, p.t)] = {
+                    **_where(w, p), "target_id": target, "predicted_id": int(token), "correct": token == target,
+                }
+        bar.update(sum(len(by_window[i]) for i in chunk))
+    bar.close()
+    return [records[(p.window, p.t)] for p in pool]
+
+
+def evaluate_ntr(model, tokenizer, windows: list[ScoredWindow], sample: list[Position], settings: EvalSettings,
+                 progress: bool = True) -> list[dict]:
+    """Reasoning, then the boxed prediction, greedily, at each sampled position."""
+    builder = PromptBuilder(tokenizer, settings.prompt_style, prefill_think=True)
+    engine = RolloutEngine(model, tokenizer, RolloutSettings(
+        max_reasoning_tokens=settings.reasoning_cap,
+        answer_tokens=settings.answer_tokens,
+        temperature=0.0,  # greedy: the result does not depend on a sampling seed
+        force_answer=settings.force_answer,
+        batch_size=settings.batch_size,
+    ))
+    prompts = [builder.prompt_ids(windows[p.window].input_ids, p.t, settings.budget) for p in sample]
+    order = sorted(range(len(sample)), key=lambda k: len(prompts[k]))  # batches of similar prompt length
+    rollouts = [None] * len(sample)
+    bar = tqdm(total=len(sample), desc="eval ntr", unit="pos", disable=not progress, dynamic_ncols=True)
+    model.eval()
+    for start in range(0, len(order), settings.batch_size):
+        chunk = order[start : start + settings.batch_size]
+        for k, rollout in zip(chunk, engine.generate([prompts[k] for k in chunk])):
+            rollouts[k] = rollout
+        bar.update(len(chunk))
+    bar.close()
+    records = []
+    for p, r in zip(sample, rollouts):
+        w = windows[p.window]
+        prediction = extract_prediction(r.text)
+        records.append({
+            **_where(w, p),
+            "target": tokenizer.decode([int(w.input_ids[p.t])]),
+            "prediction": prediction,
+            "exact": match_reward("exact", prediction, w.input_ids, p.t, tokenizer) == 1.0,
+            "prefix": match_reward("prefix", prediction, w.input_ids, p.t, tokenizer) == 1.0,
+            "reasoning_len": r.reasoning_len,
+            "closed_think": r.closed_think,
+            "response": r.text,
+        })
+    return records
+
+
+def _where(w: ScoredWindow, p: Position) -> dict:
+    return {"doc_id": w.doc_id, "window": w.window, "position": p.t, "entropy": p.entropy}
+
+
+def resolve_checkpoint(model: str) -> str:
+    """A run folder's latest checkpoint, a model folder, the embedded default, or a hub name."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        resolved = resolve_model_path(str(path))
+        if not (Path(resolved) / "config.json").is_file():
+            raise RmtError(f"{model}: neither a model folder (no config.json) nor a run folder (no checkpoints/)")
+        return resolved
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
+    if model != assets.EMBEDDED_MODEL and looks_local:
+        raise RmtError(f"model '{model}' does not exist; give a checkpoint folder, a run folder, "
+                       f"'{assets.EMBEDDED_MODEL}' or a hub name")
+    return model
+
+
+def evaluate(model: str, data: str | Path, modes=MODES, budget: int | None = 16, positions: int = 128,
+             seed: int = 0, progress: bool = True, **options) -> dict:
+    """Evaluate `model` (checkpoint, run folder or name) on the eval split of the scored folder `data`.
+
+    `options` are the other `EvalSettings` fields. Returns the JSON-ready result (see `rmt eval --help`).
+    """
+    modes = tuple(modes)
+    if not modes or set(modes) - set(MODES):
+        raise RmtError(f"modes must be among {', '.join(MODES)}, got {', '.join(modes) or 'none'}")
+    settings = EvalSettings(budget=budget, positions=positions, seed=seed, **options)
+    windows, stats = load_scored(data, "eval")
+    thresholds = [float(t) for t in stats["thresholds"]]
+    pool = position_pool(windows, thresholds[0])
+    if not pool:
+        raise RmtError(f"{data}: the eval split has no scored position above the floor {thresholds[0]:g} nats")
+    sample = sample_positions(pool, settings.positions, settings.seed)
+
+    checkpoint = resolve_checkpoint(str(model))
+    tokenizer = assets.load_tokenizer(checkpoint)
+    net = assets.load_model(checkpoint).eval()
+    if torch.cuda.is_available():
+        net.to("cuda")
+
+    result = {
+        "model": str(model),
+        "checkpoint": checkpoint,
+        "data": str(data),
+        "modes": list(modes),
+        "settings": {**asdict(settings), "reasoning_cap": settings.reasoning_cap, "thresholds": thresholds,
+                     "pool_size": len(pool), "ntr_positions": len(sample)},
+        "results": {},
+        "records": {},
+    }
+    if "ntp" in modes:
+        start = time.perf_counter()
+        records = evaluate_ntp(net, tokenizer, windows, pool, max(1, settings.batch_size // 4), progress)
+        entropy = np.array([r["entropy"] for r in records])
+        result["results"]["ntp"] = {
+            **split_accuracy(entropy, np.array([r["correct"] for r in records]), thresholds),
+            "positions": len(records),
+            "seconds": time.perf_counter() - start,
+        }
+        result["records"]["ntp"] = records
+    if "ntr" in modes:
+        start = time.perf_counter()
+        records = evaluate_ntr(net, tokenizer, windows, sample, settings, progress)
+        entropy = np.array([r["entropy"] for r in records])
+        lengths = np.array([r["reasoning_len"] for r in records], dtype=float)
+        exact = split_accuracy(entropy, np.array([r["exact"] for r in records]), thresholds)
+        prefix = split_accuracy(entropy, np.array([r["prefix"] for r in records]), thresholds)
+        for name, mask in nested_split_masks(entropy, tuple(thresholds)).items():
+            exact["splits"][name]["reasoning_len_mean"] = float(lengths[mask].mean()) if mask.any() else None
+        result["results"]["ntr"] = {
+            **exact,  # the headline: RMT's exact match
+            "prefix": prefix,
+            "reasoning_len_mean": float(lengths.mean()),
+            "well_formed_frac": float(np.mean([r["closed_think"] for r in records])),
+            "answered_frac": float(np.mean([r["prediction"] is not None for r in records])),
+            "positions": len(records),
+            "seconds": time.perf_counter() - start,
+        }
+        result["records"]["ntr"] = records
+    return result
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def format_table(result: dict) -> str:
+    """The accuracies as a readable table (percent, with n per split)."""
+    rows = []
+    for mode, metric, block in (
+        ("ntp", "greedy", result["results"].get("ntp")),
+        ("ntr", "exact", result["results"].get("ntr")),
+        ("ntr", "prefix", (result["results"].get("ntr") or {}).get("prefix")),
+    ):
+        if block:
+            cells = [f"{_pct(s['accuracy'])} (n={s['n']})" for s in block["splits"].values()]
+            rows.append([mode, metric, *cells, _pct(block["avg"])])
+    header = ["mode", "match", *(f"{n} H>{t:g}" for n, t in zip(BAND_NAMES, result["settings"]["thresholds"])), "avg"]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in [header, *rows]]
+    lines.append("accuracy in %")
+    ntr = result["results"].get("ntr")
+    if ntr:
+        s = result["settings"]
+        budget = f"budget {s['budget']}" if s["budget"] is not None else "no budget"
+        lines.append(
+            f"ntr: {ntr['positions']} positions ({budget}, cap {s['reasoning_cap']} tokens, seed {s['seed']}), "
+            f"mean reasoning length {ntr['reasoning_len_mean']:.1f} tokens, "
+            f"closed </think> itself {100 * ntr['well_formed_frac']:.0f}%, answered {100 * ntr['answered_frac']:.0f}%"
+        )
+    return "\n".join(lines)
+
+
+def load_eval(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RmtError(f"{path}: cannot read an rmt eval result ({exc})") from exc
+
+
+def save_eval(result: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, result)
+
+
+def _budget(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'none', got '{text}'") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = EvalSettings()
+    add = parser.add_argument
+    add("--model", required=True, help="checkpoint folder, run folder (its latest checkpoint), or model name")
+    add("--data", required=True, help="an `rmt score` output folder; its eval split is used")
+    add("--mode", default="ntp,ntr", help="comma-separated: ntp (greedy token), ntr (reasoning); default both")
+    add("--budget", type=_budget, default=d.budget, help="budget B in the NTR prompt, cap 2·B; 'none': no budget")
+    add("--max-reasoning", type=int, default=d.max_reasoning, help="reasoning cap with --budget none")
+    add("--positions", type=int, default=d.positions, help="NTR positions sampled from the pool (default: %(default)s)")
+    add("--seed", type=int, default=d.seed, help="seed of the NTR position sample (default: %(default)s)")
+    add("--no-force-answer", dest="force_answer", action="store_false", help="do not close the answer for the model")
+    add("--answer-tokens", type=int, default=d.answer_tokens, help="tokens allowed for the boxed answer")
+    add("--batch-size", type=int, default=d.batch_size, help="sequences per generation batch (default: %(default)s)")
+    add("--prompt-style", choices=("auto", "chat", "plain"), default=d.prompt_style, help="NTR prompt style")
+    add("--out", help="JSON output file (default: RUN/eval.json when --model is a run folder)")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = args.out
+    if out is None:
+        if not (Path(args.model) / "checkpoints").is_dir():
+            raise RmtError("--out is required unless --model is a run folder (then it defaults to RUN/eval.json)")
+        out = Path(args.model) / EVAL_FILE
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    result = evaluate(
+        args.model, args.data, modes, args.budget, args.positions, args.seed,
+        max_reasoning=args.max_reasoning, force_answer=args.force_answer, answer_tokens=args.answer_tokens,
+        batch_size=args.batch_size, prompt_style=args.prompt_style,
+    )
+    save_eval(result, out)
+    print(format_table(result))
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,396 @@
+"""`rmt report`: compare evaluated runs in the papers' layout, with plots of how each run trained.
+
+Each RUN_DIR is a training run folder (`config.yaml`, `metrics.jsonl`, `checkpoints/`) with its evaluation
+in `RUN_DIR/eval.json` (`rmt eval --model RUN_DIR` writes it there), or a folder holding only an
+`eval.json` -- the untrained base model (SPEC §8 `ntr`). The report folder gets `report.md` and:
+
+- `accuracy.png` -- NTR accuracy per nested split and method (grouped bars);
+- `reasoning_length.png` -- mean reasoning length over training against the budget B_t and the cap;
+- `band_mix.png` -- the curriculum's band distribution p_t and the bands actually sampled;
+- `rewards.png` -- total, match and length reward over training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+
+from rmt.config import load_config
+from rmt.difficulty import BAND_NAMES
+from rmt.errors import RmtError
+from rmt.evaluate import EVAL_FILE, load_eval
+
+FIGURES = ("accuracy.png", "reasoning_length.png", "band_mix.png", "rewards.png")
+METHOD_NOTES = {  # SPEC §8
+    "base": "the untrained model, zero-shot next-token reasoning",
+    "ntp": "continued pre-training: next-token loss on all tokens, no RL",
+    "rpt": "RPT: RL above the entropy floor, uniform positions, prefix reward, fixed reasoning cap, no NTP loss",
+    "rmt": "RMT: dynamic token budget + curriculum sampling + GRPO + NTP loss, exact reward",
+}
+BAND_COLORS = {"easy": "#8fd18f", "medium": "#f2c14e", "hard": "#e0605e"}
+
+
+@dataclass
+class Row:
+    """One method in the report: a training run and/or an evaluation."""
+
+    folder: Path
+    label: str
+    config: object | None = None  # TrainConfig of a training run
+    metrics: list[dict] = field(default_factory=list)
+    evaluation: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_run(self) -> bool:
+        return self.config is not None
+
+
+def method_label(config) -> str:
+    """The method with tags for what differs from its preset (SPEC §8 ablations)."""
+    preset = load_config(None, [f"method={config.method}"])
+    tags = []
+    for name, on, preset_on in (
+        ("DTB", config.budget.enabled, preset.budget.enabled),
+        ("CAS", config.curriculum.enabled, preset.curriculum.enabled),
+        ("NTP", config.ntp.weight > 0, preset.ntp.weight > 0),
+    ):
+        if on != preset_on and config.rl.enabled:
+            tags.append(f"+{name}" if on else f"w/o {name}")
+    if config.rl.enabled and config.reward.match != preset.reward.match:
+        tags.append(f"{config.reward.match} reward")
+    return " ".join([config.method, *tags])
+
+
+def load_row(folder: str | Path) -> Row:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RmtError(f"{folder}: no such folder; give run folders (or a folder holding an {EVAL_FILE})")
+    has_config, has_eval = (folder / "config.yaml").is_file(), (folder / EVAL_FILE).is_file()
+    if not has_config and not has_eval:
+        raise RmtError(f"{folder}: neither a training run (no config.yaml) nor an evaluation (no {EVAL_FILE})")
+    row = Row(folder, label="")
+    if has_config:
+        row.config = load_config(str(folder / "config.yaml"))
+        row.label = method_label(row.config)
+        metrics_path = folder / "metrics.jsonl"
+        if metrics_path.is_file():
+            row.metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        if not row.metrics:
+            row.notes.append("no training steps logged")
+        elif row.metrics[-1]["step"] < row.config.steps:
+            row.notes.append(f"unfinished: {row.metrics[-1]['step']} of {row.config.steps} steps")
+    else:
+        row.label = "base"
+    if has_eval:
+        row.evaluation = load_eval(folder / EVAL_FILE)
+    return row
+
+
+def load_rows(folders) -> list[Row]:
+    rows = [load_row(f) for f in folders]
+    labels = [r.label for r in rows]
+    for r in rows:  # same label twice (e.g. two rmt runs): tell them apart by folder
+        if labels.count(r.label) > 1:
+            r.label = f"{r.label} ({r.folder.name})"
+    return rows
+
+
+def _acc(block: dict | None, split: str | None = None):
+    if not block:
+        return None
+    return block["avg"] if split is None else block["splits"][split]["accuracy"]
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def comparability_notes(rows: list[Row]) -> list[str]:
+    """Warnings when the evaluations did not ask the same questions."""
+    evals = [r for r in rows if r.evaluation]
+    notes = []
+    keys = ("data", "settings")
+    for key in keys:
+        values = {json.dumps(r.evaluation[key], sort_keys=True) for r in evals}
+        if len(values) > 1:
+            notes.append(f"evaluations differ in `{key}`: their numbers are not directly comparable")
+    return notes
+
+
+def table(rows: list[Row]) -> str:
+    header = ["Method", "Easy", "Medium", "Hard", "Avg.", "NTP Avg.", "Reasoning length", "Steps"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for r in rows:
+        results = r.evaluation["results"] if r.evaluation else {}
+        ntr, ntp = results.get("ntr"), results.get("ntp")
+        length = f"{ntr['reasoning_len_mean']:.1f}" if ntr else "—"
+        steps = str(r.metrics[-1]["step"]) if r.metrics else ("0" if not r.is_run else "—")
+        cells = [r.label, *(_pct(_acc(ntr, s)) for s in BAND_NAMES), _pct(_acc(ntr)), _pct(_acc(ntp)), length, steps]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def details(rows: list[Row]) -> str:
+    """Per-row sample sizes, prefix-match accuracy and training summary."""
+    header = ["Method", "Folder", "NTR n (easy/medium/hard)", "NTR prefix Avg.", "`</think>` written",
+              "NTP n (easy/medium/hard)", "Final reward", "Train time (min)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for r in rows:
+        results = r.evaluation["results"] if r.evaluation else {}
+        ntr, ntp = results.get("ntr"), results.get("ntp")
+        n = lambda block: "/".join(str(block["splits"][s]["n"]) for s in BAND_NAMES) if block else "—"  # noqa: E731
+        rewards = [m["reward_mean"] for m in r.metrics if m.get("reward_mean") is not None]
+        last = f"{np.mean(rewards[-max(1, len(rewards) // 10):]):.3f}" if rewards else "—"
+        minutes = f"{sum(m['step_seconds'] for m in r.metrics) / 60:.1f}" if r.metrics else "—"
+        cells = [r.label, f"`{r.folder}`", n(ntr), _pct(_acc(ntr and ntr["prefix"])),
+                 f"{100 * ntr['well_formed_frac']:.0f}%" if ntr else "—", n(ntp), last, minutes]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def settings_text(rows: list[Row]) -> str:
+    evaluation = next((r.evaluation for r in rows if r.evaluation), None)
+    if evaluation is None:
+        return "No run has an evaluation yet."
+    s = evaluation["settings"]
+    t = s["thresholds"]
+    budget = f"budget B = {s['budget']} in the prompt" if s["budget"] is not None else "no budget in the prompt"
+    return (
+        f"Evaluated on the eval split of `{evaluation['data']}`. Nested splits by proxy entropy: "
+        f"easy H > {t[0]:.3g}, medium H > {t[1]:.3g}, hard H > {t[2]:.3g} nats; Avg. is their unweighted mean. "
+        f"NTR mode: {s['ntr_positions']} positions sampled from the {s['pool_size']} above the floor "
+        f"(seed {s['seed']}), greedy decoding, {budget}, reasoning cap {s['reasoning_cap']} tokens, "
+        f"answer forcing {'on' if s['force_answer'] else 'off'}; accuracy is exact match of the boxed "
+        f"prediction with the next token. NTP mode: greedy next token at every pool position. "
+        f"Accuracies in %, reasoning length in tokens."
+    )
+
+
+def write_markdown(rows: list[Row], out: Path, figures: dict[str, str]) -> Path:
+    notes = [f"- {r.label}: {note}" for r in rows for note in r.notes]
+    data = next((r.evaluation["data"] for r in rows if r.evaluation), "SCORED_DIR")
+    notes += [f"- {r.label}: not evaluated; `rmt eval --model {r.folder} --data {data}` writes its {EVAL_FILE}"
+              for r in rows if r.evaluation is None]
+    notes += [f"- {note}" for note in comparability_notes(rows)]
+    parts = [
+        "# RMT report",
+        "",
+        "Next-token accuracy in NTR mode (reasoning, then the boxed token) per nested split, as in the papers' "
+        "tables, with NTP-mode (greedy next token) average and the mean reasoning length.",
+        "",
+        table(rows),
+        "",
+        settings_text(rows),
+        "",
+    ]
+    methods = dict.fromkeys("base" if not r.is_run else r.config.method for r in rows)
+    parts += [f"- **{m}**: {METHOD_NOTES[m]}" for m in methods] + [""]
+    if notes:
+        parts += ["Notes:", "", *notes, ""]
+    parts += ["## Details", "", details(rows), ""]
+    parts += ["## Figures", ""]
+    for name, caption in figures.items():
+        parts += [f"### {caption}", "", f"![{caption}]({name})", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+# ---- figures ------------------------------------------------------------------------------------------
+
+
+def _figure(**kwargs):
+    from matplotlib.figure import Figure
+
+    return Figure(layout="constrained", **kwargs)
+
+
+def _empty(ax, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=11, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over `window` steps (shorter at the start), ignoring missing values."""
+    out = np.empty_like(values, dtype=float)
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1) : i + 1]
+        out[i] = np.nanmean(chunk) if np.isfinite(chunk).any() else np.nan
+    return out
+
+
+def _step_axis(ax, runs: list[Row]) -> None:
+    """Training steps on the x axis: integer ticks, and some width even for a single logged step."""
+    steps = [m["step"] for r in runs for m in r.metrics]
+    if steps:
+        ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlabel("training step")
+
+
+def _series(metrics: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    steps = np.array([m["step"] for m in metrics], dtype=float)
+    values = np.array([np.nan if m.get(key) is None else float(m[key]) for m in metrics], dtype=float)
+    return steps, values
+
+
+def plot_accuracy(rows: list[Row], path: Path) -> None:
+    fig = _figure(figsize=(9, 4.8))
+    ax = fig.subplots()
+    evaluated = [r for r in rows if r.evaluation and "ntr" in r.evaluation["results"]]
+    if not evaluated:
+        _empty(ax, "no run has an NTR evaluation")
+    else:
+        groups = [*BAND_NAMES, "avg"]
+        width = 0.8 / len(evaluated)
+        x = np.arange(len(groups))
+        for k, r in enumerate(evaluated):
+            ntr = r.evaluation["results"]["ntr"]
+            values = [_acc(ntr, s) for s in BAND_NAMES] + [_acc(ntr)]
+            heights = [np.nan if v is None else 100 * v for v in values]
+            bars = ax.bar(x - 0.4 + (k + 0.5) * width, heights, width, label=r.label)
+            ax.bar_label(bars, labels=[_pct(v) for v in values], fontsize=8, padding=2)
+        thresholds = evaluated[0].evaluation["settings"]["thresholds"]
+        ax.set_xticks(x, [f"{n}\nH > {t:.3g}" for n, t in zip(BAND_NAMES, thresholds)] + ["avg\n(mean of splits)"])
+        top = np.nanmax([100 * (_acc(r.evaluation["results"]["ntr"], s) or 0) for r in evaluated for s in BAND_NAMES])
+        ax.set_ylim(0, max(10.0, top * 1.25))
+        ax.set_ylabel("NTR accuracy (%)")
+        ax.set_xlabel("nested split of the eval positions (proxy entropy, nats)")
+        ax.legend(title="method")
+        ax.grid(axis="y", alpha=0.3)
+    ax.set_title("Next-token reasoning accuracy per difficulty split (exact match)")
+    fig.savefig(path, dpi=120)
+
+
+def plot_reasoning_length(rows: list[Row], path: Path) -> None:
+    fig = _figure(figsize=(11, 4.8))
+    ax = fig.subplots()
+    runs = [r for r in rows if r.is_run and r.config.rl.enabled and r.metrics]
+    if not runs:
+        _empty(ax, "no RL run has logged steps")
+    for k, r in enumerate(runs):
+        color = f"C{k}"
+        steps, length = _series(r.metrics, "reasoning_len_mean")
+        ax.plot(steps, length, color=color, marker="o", markersize=3, label=f"{r.label}: mean reasoning length")
+        _, budget = _series(r.metrics, "budget")
+        _, cap = _series(r.metrics, "reasoning_cap")
+        if np.isfinite(budget).any():
+            ax.plot(steps, budget, color=color, linestyle="--", label=f"{r.label}: budget $B_t$")
+        # Wide and pale, so that it stays visible when the mean length sits on the cap.
+        ax.plot(steps, cap, color=color, linestyle=":", linewidth=4, alpha=0.5, label=f"{r.label}: cap " + (
+            "$2B_t$" if np.isfinite(budget).any() else "(fixed)"))
+    ax.set_title("Reasoning length over training against the token budget")
+    _step_axis(ax, runs)
+    ax.set_ylabel("reasoning tokens per rollout")
+    ax.set_ylim(bottom=0)
+    if runs:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120)
+
+
+def plot_band_mix(rows: list[Row], path: Path) -> None:
+    """Per curriculum run: the intended band mix p_t (left) beside the bands actually sampled (right)."""
+    runs = [r for r in rows if r.is_run and r.config.rl.enabled and r.metrics
+            and any(m.get("band_probs") for m in r.metrics)]
+    fig = _figure(figsize=(11, 3.8 * max(1, len(runs))))
+    if not runs:
+        ax = fig.subplots()
+        _empty(ax, "no run samples positions with the curriculum (CAS)")
+        ax.set_title("Band mix over training")
+    else:
+        fig.suptitle("Band mix over training: curriculum $p_t$ and the RL positions actually sampled")
+    for (left, right), r in zip(fig.subplots(len(runs), 2, squeeze=False, sharey=True) if runs else [], runs):
+        steps = np.array([m["step"] for m in r.metrics])
+        probs = np.array([[m["band_probs"][b] for b in BAND_NAMES] for m in r.metrics])
+        left.stackplot(steps, probs.T, labels=BAND_NAMES, colors=[BAND_COLORS[b] for b in BAND_NAMES])
+        left.set_title(f"{r.label}: curriculum $p_t$")
+        counts = np.array([[m["sampled_bands"][b] for b in BAND_NAMES] for m in r.metrics], dtype=float)
+        totals = counts.sum(axis=1, keepdims=True)
+        shares = np.nan_to_num(counts / np.where(totals > 0, totals, np.nan))
+        bottom = np.zeros(len(steps))
+        for j, b in enumerate(BAND_NAMES):
+            right.bar(steps, shares[:, j], width=0.8, bottom=bottom, color=BAND_COLORS[b], label=b)
+            bottom += shares[:, j]
+        right.set_title(f"{r.label}: sampled positions ({int(totals.mean())} per step)")
+        for ax in (left, right):
+            ax.set_xlabel("training step")
+            ax.set_ylim(0, 1)
+            ax.set_xlim(steps.min() - 0.5, steps.max() + 0.5)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        left.set_ylabel("fraction of RL positions")
+        right.legend(title="band", fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.savefig(path, dpi=120)
+
+
+def plot_rewards(rows: list[Row], path: Path) -> None:
+    runs = [r for r in rows if r.is_run and r.config.rl.enabled and r.metrics]
+    fig = _figure(figsize=(12, 4.2))
+    axes = fig.subplots(1, 3, sharex=True)
+    panels = (("reward_mean", "total reward r"), ("reward_match_mean", "match reward $r_{match}$"),
+              ("reward_len_mean", "length reward $r_{len}$"))
+    for ax, (key, title) in zip(axes, panels):
+        if not runs:
+            _empty(ax, "no RL run")
+        top = 0.0
+        for k, r in enumerate(runs):
+            steps, values = _series(r.metrics, key)
+            window = max(1, len(steps) // 10)
+            ax.plot(steps, values, color=f"C{k}", alpha=0.3, linewidth=1)
+            ax.plot(steps, _smooth(values, window), color=f"C{k}", linewidth=2, marker="o", markersize=3,
+                    label=r.label + (f" ({window}-step mean)" if window > 1 else ""))
+            top = max(top, float(np.nanmax(values, initial=0.0)))
+        ax.set_ylim(-0.02, max(0.1, 1.15 * top))  # rewards lie in [0, 1]; zoom in on small ones
+        ax.set_title(title)
+        _step_axis(ax, runs)
+        ax.set_ylabel("mean over rollouts (0–1)")
+        ax.grid(alpha=0.3)
+    if runs:
+        axes[0].legend(fontsize=8)
+    fig.suptitle("Rewards over training (thin: per step, thick: trailing mean)")
+    fig.savefig(path, dpi=120)
+
+
+def write_report(folders, out: str | Path) -> Path:
+    """Write `report.md` and the figures for the given run folders into `out`; returns report.md."""
+    if not folders:
+        raise RmtError("give at least one run folder")
+    return render(load_rows(folders), Path(out))
+
+
+def render(rows: list[Row], out: Path) -> Path:
+    """The report of loaded rows. Figures are drawn on `matplotlib.figure.Figure` (Agg when saved as PNG),
+    never through pyplot, so no GUI backend or global state is involved."""
+    out.mkdir(parents=True, exist_ok=True)
+    plot_accuracy(rows, out / "accuracy.png")
+    plot_reasoning_length(rows, out / "reasoning_length.png")
+    plot_band_mix(rows, out / "band_mix.png")
+    plot_rewards(rows, out / "rewards.png")
+    captions = {
+        "accuracy.png": "NTR accuracy per split",
+        "reasoning_length.png": "Reasoning length against the budget",
+        "band_mix.png": "Band mix over training (curriculum)",
+        "rewards.png": "Rewards over training",
+    }
+    return write_markdown(rows, out, captions)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help=f"training run folders with {EVAL_FILE}, and/or a folder holding only a base {EVAL_FILE}")
+    parser.add_argument("--out", required=True, type=Path, help="report folder (report.md and figures)")
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = load_rows(args.runs)
+    path = render(rows, args.out)
+    print(table(rows))
+    print(f"wrote {path} and {', '.join(FIGURES)}")
+    return 0
