@@ -14,7 +14,8 @@ from rmt.errors import RmtError
 
 INSTRUCTION = (
     "Predict the next token of the text below. First think briefly inside <think> </think>{budget_hint}, "
-    "then write only the next token inside \\boxed{{}}. The token may begin with a space, e.g. \\boxed{{ para}}."
+    "then write only the next token inside \\boxed{{}}. The token may begin with a space: if it does, "
+    "the space goes inside the box too."
 )
 BUDGET_HINT = ", using at most {budget} tokens"
 CONTEXT_HEADER = "\n### Context\n"

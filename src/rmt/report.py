@@ -113,14 +113,9 @@ def _pct(value) -> str:
 
 def comparability_notes(rows: list[Row]) -> list[str]:
     """Warnings when the evaluations did not ask the same questions."""
-    evals = [r for r in rows if r.evaluation]
-    notes = []
-    keys = ("data", "settings")
-    for key in keys:
-        values = {json.dumps(r.evaluation[key], sort_keys=True) for r in evals}
-        if len(values) > 1:
-            notes.append(f"evaluations differ in `{key}`: their numbers are not directly comparable")
-    return notes
+    evals = [r.evaluation for r in rows if r.evaluation]
+    return [f"evaluations differ in `{key}`: their numbers are not directly comparable"
+            for key in ("data", "settings") if len({json.dumps(e[key], sort_keys=True) for e in evals}) > 1]
 
 
 def table(rows: list[Row]) -> str:
