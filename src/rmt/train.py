@@ -157,7 +157,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         t0 = time.perf_counter()
         # ---- budget and band mix (SPEC §3, §5) ----------------------------------------------------
         budget = token_budget(step, T, config.budget.b0, config.budget.b_min, config.budget.gamma) \
-            if config.budget.enabled else None
+            if config.budget.enabled and rl else None
         engine.settings.max_reasoning_tokens = 2 * budget if budget is not None else config.budget.fixed_max_tokens
         c = config.curriculum
         probs = band_probabilities(step, T, tuple(c.p_early), tuple(c.p_late), c.t1, c.t2) if c.enabled else None
