@@ -279,7 +279,8 @@ def accumulate_gradients(config, model, reference, accelerator, tokenizer, docs,
     rl_items = []  # (rollout, advantage, document index, position)
     if rollouts:
         G = config.rollout.group_size
-        where = [(i, int(t)) for i, pos in enumerate(positions) for t in pos]
+        # Document index and position of each group; post-training's groups have neither.
+        where = [(i, int(t)) for i, pos in enumerate(positions) for t in pos] or [(None, None)] * len(advantages)
         adv = advantages.flatten().tolist()
         signal = (advantages != 0).any(dim=1).tolist()
         rl_items = [(r, a, *where[k // G]) for k, (r, a) in enumerate(zip(rollouts, adv))
