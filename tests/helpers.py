@@ -25,3 +25,33 @@ def score_tiny(model_dir: Path, folder: Path) -> Path:
     options = ScoreOptions(top_k=0, max_length=64, stride=48, min_context=8, band_mode="quantile", batch_size=16)
     score_dataset(str(model_dir), str(corpus), out, ["midtrain", "eval"], options)
     return out
+
+
+def run_and_kill(cmd: list[str], metrics: Path, lines: int, env: dict | None = None) -> None:
+    """Start `cmd`, SIGKILL it once `metrics` has `lines` lines, and check it was killed, not finished."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= lines:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def assert_same_record(a: dict, b: dict, skip=()) -> None:
+    """Two metrics records agree: same keys, floats within 1e-5, everything else equal (but `skip`)."""
+    import pytest
+
+    assert a.keys() == b.keys()
+    for key in a.keys() - set(skip):
+        if isinstance(a[key], float):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+        else:
+            assert a[key] == b[key], key

@@ -1,12 +1,10 @@
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from helpers import assert_same_record, run_and_kill
 from safetensors.torch import load_file
 
 from rmt.checkpoint import latest_checkpoint
@@ -191,39 +189,20 @@ def test_resume_after_sigkill_is_exact(tiny_model_dir, tiny_questions, tmp_path,
 
     killed = tmp_path / "killed"
     code = f"{PATCH_REWARD}; from rmt.cli import main; main({['posttrain', f'out={killed}', *overrides]!r})"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 120
     # Kill after the step-2 checkpoint, before the run ends: some logged steps are then lost.
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    run_and_kill([sys.executable, "-c", code], killed / "metrics.jsonl", 3, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert latest_checkpoint(killed).name in ("step-000002", "step-000004")
 
     assert main(["posttrain", "--resume", f"out={killed}", *overrides]) == 0
     resumed, uninterrupted = read_metrics(killed), read_metrics(reference)
     assert len(resumed) == len(uninterrupted) == 6
     assert any(m["grad_norm"] > 0 for m in uninterrupted)
-
-    def same(a, b):
-        assert a.keys() == b.keys()
-        for key in a.keys() - set(TIMING):
-            if isinstance(a[key], float):
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
-            else:
-                assert a[key] == b[key], key
-
     for a, b in zip(resumed, uninterrupted):
-        same(a, b)
+        assert_same_record(a, b, skip=TIMING)
     eval_resumed = json.loads((killed / "posttrain_eval.json").read_text())
     eval_reference = json.loads((reference / "posttrain_eval.json").read_text())
-    same(eval_resumed["before"], eval_reference["before"])
-    same(eval_resumed["after"], eval_reference["after"])
+    assert_same_record(eval_resumed["before"], eval_reference["before"], skip=TIMING)
+    assert_same_record(eval_resumed["after"], eval_reference["after"], skip=TIMING)
     ref_w = load_file(latest_checkpoint(reference) / "model.safetensors")
     res_w = load_file(latest_checkpoint(killed) / "model.safetensors")
     for name in ref_w:

@@ -1,13 +1,11 @@
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from helpers import assert_same_record, run_and_kill
 
 from rmt.budget import token_budget
 from rmt.checkpoint import latest_checkpoint
@@ -95,30 +93,15 @@ def test_resume_after_sigkill_is_exact(tiny_model_dir, tiny_scored_dir, tmp_path
     reference = train(load_config(None, overrides + [f"out={tmp_path / 'ref'}"]))
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "rmt.cli", "train", f"out={killed}", *overrides]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 120
     # Kill after the step-3 checkpoint, before the run ends: some logged steps are then lost.
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    run_and_kill([sys.executable, "-m", "rmt.cli", "train", f"out={killed}", *overrides], killed / "metrics.jsonl", 4)
     assert latest_checkpoint(killed).name in ("step-000003", "step-000006")
 
     assert main(["train", "--resume", f"out={killed}", *overrides]) == 0
     resumed, uninterrupted = read_metrics(killed), read_metrics(reference)
     assert len(resumed) == len(uninterrupted) == 8
     for a, b in zip(resumed, uninterrupted):
-        assert a.keys() == b.keys()
-        for key in a.keys() - set(TIMING):
-            if isinstance(a[key], float):
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
-            else:
-                assert a[key] == b[key], key
+        assert_same_record(a, b, skip=TIMING)
     ref_w, res_w = _weights(reference), _weights(killed)
     for name in ref_w:
         torch.testing.assert_close(res_w[name], ref_w[name], rtol=1e-5, atol=1e-6)
