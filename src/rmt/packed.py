@@ -51,8 +51,7 @@ class Pack:
     position_ids: torch.Tensor  # [L]
     segments: torch.Tensor  # [L] WINDOW, TRUNK, or k >= 1 for the k-th response
     trunk_view: torch.Tensor  # [L] trunk tokens each token may see besides its own segment
-    window_len: int  # the window segment is the first `window_len` tokens (0: no NTP in this pack)
-    trunk_start: int
+    window_len: int  # the window segment is the first `window_len` tokens (0: no NTP in this pack); the trunk follows
     response_logit_index: torch.Tensor  # [N] packed index of the logits scoring each response token
     response_rows: torch.Tensor  # [N] output row of each response token
     response_cols: torch.Tensor  # [N] output column (left padding, as in `forward.response_logprobs`)
@@ -66,7 +65,7 @@ class Pack:
         index = torch.arange(len(self))
         causal = index[None, :] <= index[:, None]
         same = self.segments[:, None] == self.segments[None, :]
-        trunk = (self.segments == TRUNK)[None, :] & ((index - self.trunk_start)[None, :] < self.trunk_view[:, None])
+        trunk = (self.segments == TRUNK)[None, :] & ((index - self.window_len)[None, :] < self.trunk_view[:, None])
         return (causal & (same | trunk))[None, None]
 
 
@@ -127,7 +126,7 @@ def _build_pack(doc, pre, post, window, items, chunk, with_window: bool) -> Pack
 
     if with_window:
         add(window, 0, WINDOW, 0)
-    trunk_start = len(ids)
+    window_len = len(ids)
     trunk = list(pre) + window[: max((items[k].position for k in chunk), default=0)] if chunk else []
     add(trunk, 0, TRUNK, 0)
     width = max((len(items[k].response_ids) for k in chunk), default=0)
@@ -149,7 +148,7 @@ def _build_pack(doc, pre, post, window, items, chunk, with_window: bool) -> Pack
     as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return Pack(
         doc=doc, items=list(chunk), input_ids=as_long(ids), position_ids=as_long(positions),
-        segments=as_long(segments), trunk_view=as_long(view), window_len=trunk_start, trunk_start=trunk_start,
+        segments=as_long(segments), trunk_view=as_long(view), window_len=window_len,
         response_logit_index=as_long(logit_index), response_rows=as_long(rows), response_cols=as_long(cols),
         sampled_mask=sampled,
     )
