@@ -82,8 +82,9 @@ def _read_text(path: Path) -> str:
         raise RmtError(f"{path}: cannot read ({exc.strerror})") from exc
 
 
-def _read_jsonl(path: Path) -> list[Document]:
-    docs = []
+def read_jsonl_records(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a UTF-8 JSONL file; one clear error otherwise."""
+    records = []
     for lineno, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -93,8 +94,12 @@ def _read_jsonl(path: Path) -> list[Document]:
             raise RmtError(f"{path}:{lineno}: invalid JSON ({exc.msg}); each line must be one JSON object") from exc
         if not isinstance(record, dict):
             raise RmtError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        docs.append(_record_to_document(record, f"{path.stem}:{lineno}", f"{path}:{lineno}"))
-    return docs
+        records.append((lineno, record))
+    return records
+
+
+def _read_jsonl(path: Path) -> list[Document]:
+    return [_record_to_document(r, f"{path.stem}:{n}", f"{path}:{n}") for n, r in read_jsonl_records(path)]
 
 
 def _read_parquet(path: Path) -> list[Document]:

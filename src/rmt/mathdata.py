@@ -16,14 +16,13 @@ Sources, each giving a training list and a held-out evaluation list:
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import threading
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from rmt.corpus import EMBEDDED_CORPUS, gsm8k_answer, load_corpus, split_corpus
+from rmt.corpus import EMBEDDED_CORPUS, gsm8k_answer, load_corpus, read_jsonl_records, split_corpus
 from rmt.errors import RmtError
 from rmt.prompts import THINK_OPEN, PromptBuilder
 from rmt.rewards import extract_prediction
@@ -99,14 +98,8 @@ def read_questions(path: str | Path) -> list[MathQuestion]:
     if not path.is_file():
         raise RmtError(f"question file {path} does not exist; give gsm8k, reasoning-gym:TASK or a .jsonl file")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RmtError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or "question" not in record or "answer" not in record:
+    for lineno, record in read_jsonl_records(path):
+        if "question" not in record or "answer" not in record:
             raise RmtError(f"{path}:{lineno}: each line must be a JSON object with 'question' and 'answer'")
         answer = str(record["answer"])
         answer = gsm8k_answer(answer) if "####" in answer else answer.strip()
