@@ -56,8 +56,9 @@ class ScoreOptions:
     """Entropy over the top-k logits renormalised, as RPT (SPEC §2); 0 = the full vocabulary."""
     max_length: int = 512
     """Tokens per window."""
-    stride: int = 448
-    """Offset between window starts; windows overlap by ``max_length - stride`` tokens."""
+    stride: int | None = None
+    """Offset between window starts; windows overlap by ``max_length - stride`` tokens.
+    None: ``max_length - max(min_context, max_length // 8)`` (448 for 512-token windows)."""
     min_context: int = 16
     """A position is scored only with at least this many tokens before it in its window."""
     thresholds: tuple[float, float, float] = (0.5, 1.0, 1.5)
@@ -72,6 +73,8 @@ class ScoreOptions:
     """Windows per forward pass: sets speed and memory; entropies change only by float rounding."""
 
     def __post_init__(self) -> None:
+        if self.stride is None:  # frozen: set the derived default once, before the checks
+            object.__setattr__(self, "stride", self.max_length - max(self.min_context, self.max_length // 8))
         checks = [
             (self.top_k >= 0, f"--top-k must be >= 0 (0 = full vocabulary), got {self.top_k}"),
             (self.min_context >= 1, f"--min-context must be >= 1, got {self.min_context}"),
@@ -422,7 +425,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--splits", default="midtrain,eval", help="comma-separated splits, or all (default: %(default)s)")
     add("--top-k", type=int, default=defaults.top_k, help="entropy over the top-k logits, 0 = full vocabulary")
     add("--max-length", type=int, default=defaults.max_length, help="tokens per window (default: %(default)s)")
-    add("--stride", type=int, default=defaults.stride, help="offset between window starts (default: %(default)s)")
+    add("--stride", type=int, default=None,
+        help="offset between window starts (default: max_length - max(min_context, max_length/8), 448 at 512)")
     add("--min-context", type=int, default=defaults.min_context, help="tokens of context needed before a position")
     add("--batch-size", type=int, default=defaults.batch_size, help="windows per forward pass (default: %(default)s)")
     add("--max-docs", type=int, default=None, help="only the first N documents of each split, for quick runs")
