@@ -14,6 +14,9 @@ hard H > t2, from the dataset's thresholds) and as their unweighted mean ("Avg."
   accuracy is RMT's `exact` match, RPT's `prefix` match is reported beside it.
 
 Every evaluated position is stored in the JSON output (`records`), so any number can be recounted.
+
+Under `torchrun` / `accelerate launch` the batches are dealt round-robin to the processes and the records
+gathered: the output is the one-process output, written once.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from rmt import assets
@@ -119,37 +124,49 @@ def split_accuracy(entropy: np.ndarray, correct: np.ndarray, thresholds) -> dict
     return {"splits": splits, "avg": float(np.mean(present)) if present else None}
 
 
+def _my_batches(order: list[int], batch_size: int, shard: tuple[int, int]) -> list[list[int]]:
+    """This process's batches: `order` cut into batches of `batch_size`, dealt round-robin to the processes.
+
+    Whole batches are dealt, so every batch holds the same items as in a one-process run, and its results
+    are the same to the last bit."""
+    rank, world = shard
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)][rank::world]
+
+
 @torch.inference_mode()
 def evaluate_ntp(model, tokenizer, windows: list[ScoredWindow], pool: list[Position], batch_size: int,
-                 progress: bool = True) -> list[dict]:
-    """Greedy next token at each pool position: one batched forward per group of windows."""
-    by_window: dict[int, list[Position]] = {}
-    for p in pool:
-        by_window.setdefault(p.window, []).append(p)
+                 progress: bool = True, shard: tuple[int, int] = (0, 1)) -> dict[int, dict]:
+    """Greedy next token at each pool position: one batched forward per group of windows.
+
+    Returns {pool index: record} for the positions of this process's batches (`shard` = (rank, world))."""
+    by_window: dict[int, list[int]] = {}
+    for k, p in enumerate(pool):
+        by_window.setdefault(p.window, []).append(k)
     order = sorted(by_window, key=lambda i: -len(windows[i].input_ids))  # similar lengths pad little
-    records: dict[tuple[int, int], dict] = {}
-    bar = tqdm(total=len(pool), desc="eval ntp", unit="pos", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    batches = _my_batches(order, batch_size, shard)
+    records: dict[int, dict] = {}
+    bar = tqdm(total=sum(len(by_window[i]) for b in batches for i in b), desc="eval ntp", unit="pos",
+               disable=not progress, dynamic_ncols=True)
+    for chunk in batches:
         logits, _, _ = document_logits(model, [windows[i].input_ids for i in chunk], tokenizer.pad_token_id)
         for row, i in enumerate(chunk):
             w = windows[i]
-            ts = [p.t for p in by_window[i]]
             # The distribution over x_t is predicted at t - 1.
-            predicted = logits[row, [t - 1 for t in ts]].argmax(-1).tolist()
-            for p, token in zip(by_window[i], predicted):
-                target = int(w.input_ids[p.t])
-                records[(i, p.t)] = {
-                    **_where(w, p), "target_id": target, "predicted_id": int(token), "correct": token == target,
-                }
+            predicted = logits[row, [pool[k].t - 1 for k in by_window[i]]].argmax(-1).tolist()
+            for k, token in zip(by_window[i], predicted):
+                target = int(w.input_ids[pool[k].t])
+                records[k] = {**_where(w, pool[k]), "target_id": target, "predicted_id": int(token),
+                              "correct": token == target}
         bar.update(sum(len(by_window[i]) for i in chunk))
     bar.close()
-    return [records[(p.window, p.t)] for p in pool]
+    return records
 
 
 def evaluate_ntr(model, tokenizer, windows: list[ScoredWindow], sample: list[Position], settings: EvalSettings,
-                 progress: bool = True) -> list[dict]:
-    """Reasoning, then the boxed prediction, greedily, at each sampled position."""
+                 progress: bool = True, shard: tuple[int, int] = (0, 1)) -> dict[int, dict]:
+    """Reasoning, then the boxed prediction, greedily, at each sampled position.
+
+    Returns {sample index: record} for the positions of this process's batches (`shard` = (rank, world))."""
     builder = PromptBuilder(tokenizer, settings.prompt_style, prefill_think=True)
     engine = RolloutEngine(model, tokenizer, RolloutSettings(
         max_reasoning_tokens=settings.reasoning_cap,
@@ -160,30 +177,35 @@ def evaluate_ntr(model, tokenizer, windows: list[ScoredWindow], sample: list[Pos
     ))
     prompts = [builder.prompt_ids(windows[p.window].input_ids, p.t, settings.budget) for p in sample]
     order = sorted(range(len(sample)), key=lambda k: len(prompts[k]))  # batches of similar prompt length
-    rollouts = [None] * len(sample)
-    bar = tqdm(total=len(sample), desc="eval ntr", unit="pos", disable=not progress, dynamic_ncols=True)
+    batches = _my_batches(order, settings.batch_size, shard)
+    records: dict[int, dict] = {}
+    bar = tqdm(total=sum(map(len, batches)), desc="eval ntr", unit="pos", disable=not progress, dynamic_ncols=True)
     model.eval()
-    for start in range(0, len(order), settings.batch_size):
-        chunk = order[start : start + settings.batch_size]
-        for k, rollout in zip(chunk, engine.generate([prompts[k] for k in chunk])):
-            rollouts[k] = rollout
+    for chunk in batches:
+        for k, r in zip(chunk, engine.generate([prompts[k] for k in chunk])):
+            p, w = sample[k], windows[sample[k].window]
+            prediction = extract_prediction(r.text)
+            records[k] = {
+                **_where(w, p),
+                "target": tokenizer.decode([int(w.input_ids[p.t])]),
+                "prediction": prediction,
+                "exact": match_reward("exact", prediction, w.input_ids, p.t, tokenizer) == 1.0,
+                "prefix": match_reward("prefix", prediction, w.input_ids, p.t, tokenizer) == 1.0,
+                "reasoning_len": r.reasoning_len,
+                "closed_think": r.closed_think,
+                "response": r.text,
+            }
         bar.update(len(chunk))
     bar.close()
-    records = []
-    for p, r in zip(sample, rollouts):
-        w = windows[p.window]
-        prediction = extract_prediction(r.text)
-        records.append({
-            **_where(w, p),
-            "target": tokenizer.decode([int(w.input_ids[p.t])]),
-            "prediction": prediction,
-            "exact": match_reward("exact", prediction, w.input_ids, p.t, tokenizer) == 1.0,
-            "prefix": match_reward("prefix", prediction, w.input_ids, p.t, tokenizer) == 1.0,
-            "reasoning_len": r.reasoning_len,
-            "closed_think": r.closed_think,
-            "response": r.text,
-        })
     return records
+
+
+def _gather_records(records: dict[int, dict], n: int) -> list[dict]:
+    """Every process's {index: record}, joined into one list in index order (on every process)."""
+    merged = dict(pair for pair in gather_object(list(records.items())))
+    if sorted(merged) != list(range(n)):
+        raise RuntimeError(f"evaluation lost positions: {n - len(merged)} of {n} missing after gathering")
+    return [merged[k] for k in range(n)]
 
 
 def _where(w: ScoredWindow, p: Position) -> dict:
@@ -222,11 +244,14 @@ def evaluate(model: str, data: str | Path, modes=MODES, budget: int | None = 16,
         raise RmtError(f"{data}: the eval split has no scored position above the floor {thresholds[0]:g} nats")
     sample = sample_positions(pool, settings.positions, settings.seed)
 
+    # Under torchrun / accelerate launch every process evaluates whole batches of its own, and every
+    # process ends with all the records; the caller writes the file once (`state.is_main_process`).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    shard = (state.process_index, state.num_processes)
+    progress = progress and state.is_main_process
     checkpoint = resolve_checkpoint(str(model))
     tokenizer = assets.load_tokenizer(checkpoint)
-    net = assets.load_model(checkpoint).eval()
-    if torch.cuda.is_available():
-        net.to("cuda")
+    net = assets.load_model(checkpoint).eval().to(state.device)
 
     result = {
         "model": str(model),
@@ -240,7 +265,8 @@ def evaluate(model: str, data: str | Path, modes=MODES, budget: int | None = 16,
     }
     if "ntp" in modes:
         start = time.perf_counter()
-        records = evaluate_ntp(net, tokenizer, windows, pool, max(1, settings.batch_size // 4), progress)
+        records = evaluate_ntp(net, tokenizer, windows, pool, max(1, settings.batch_size // 4), progress, shard)
+        records = _gather_records(records, len(pool))
         entropy = np.array([r["entropy"] for r in records])
         result["results"]["ntp"] = {
             **split_accuracy(entropy, np.array([r["correct"] for r in records]), thresholds),
@@ -250,7 +276,8 @@ def evaluate(model: str, data: str | Path, modes=MODES, budget: int | None = 16,
         result["records"]["ntp"] = records
     if "ntr" in modes:
         start = time.perf_counter()
-        records = evaluate_ntr(net, tokenizer, windows, sample, settings, progress)
+        records = evaluate_ntr(net, tokenizer, windows, sample, settings, progress, shard)
+        records = _gather_records(records, len(sample))
         entropy = np.array([r["entropy"] for r in records])
         lengths = np.array([r["reasoning_len"] for r in records], dtype=float)
         exact = split_accuracy(entropy, np.array([r["exact"] for r in records]), thresholds)
@@ -353,7 +380,8 @@ def run(args: argparse.Namespace) -> int:
         max_reasoning=args.max_reasoning, force_answer=args.force_answer, answer_tokens=args.answer_tokens,
         batch_size=args.batch_size, prompt_style=args.prompt_style,
     )
-    save_eval(result, out)
-    print(format_table(result))
-    print(f"wrote {out}")
+    if PartialState().is_main_process:
+        save_eval(result, out)
+        print(format_table(result))
+        print(f"wrote {out}")
     return 0
