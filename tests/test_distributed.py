@@ -61,3 +61,62 @@ def test_two_process_scoring_writes_the_same_dataset(tiny_model_dir, tmp_path):
         assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file() and p.suffix != ".png")
         for f in files:
             assert (one / f).read_bytes() == (two / f).read_bytes(), f
+
+
+def test_two_process_evaluation_gives_the_one_process_result(tiny_model_dir, tiny_scored_dir, tmp_path):
+    from rmt.evaluate import evaluate
+
+    settings = dict(budget=3, positions=10, batch_size=4, answer_tokens=3)
+    one = evaluate(str(tiny_model_dir), tiny_scored_dir, progress=False, **settings)
+    out = tmp_path / "two.json"
+    torchrun(["eval", "--model", str(tiny_model_dir), "--data", str(tiny_scored_dir), "--budget", "3",
+              "--positions", "10", "--batch-size", "4", "--answer-tokens", "3", "--out", str(out)])
+    two = json.loads(out.read_text())
+    # Several batches of each mode, dealt to both processes; the records come back in order, exactly.
+    assert len(one["records"]["ntr"]) == 10 and len(one["records"]["ntp"]) > 4
+    assert two["records"] == json.loads(json.dumps(one["records"]))
+    for mode in ("ntp", "ntr"):
+        one["results"][mode].pop("seconds"), two["results"][mode].pop("seconds")
+    assert two["results"] == json.loads(json.dumps(one["results"]))
+
+
+def test_two_process_posttraining_matches_one_process(tiny_model_dir, tmp_path, monkeypatch):
+    from test_posttrain import PATCH_REWARD, _write, tiny_overrides
+
+    from rmt.posttrain import load_posttrain_config, posttrain
+
+    questions = _write(tmp_path / "questions.jsonl", [(f"What is {a} plus {b}?", str(a + b))
+                                                      for a in range(1, 9) for b in range(1, 6)])
+    overrides = tiny_overrides(tiny_model_dir, questions, steps=2)
+    # A random tiny model is never right: reward odd-length responses so that the steps change the weights.
+    script = tmp_path / "patched_cli.py"
+    script.write_text(f"{PATCH_REWARD}\nfrom rmt.cli import main\nraise SystemExit(main())\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script), "posttrain",
+           f"out={tmp_path / 'two'}", *overrides]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.setattr("rmt.posttrain.math_reward", lambda text, gold: float(len(text) % 2))
+    single = posttrain(load_posttrain_config(None, overrides + [f"out={tmp_path / 'one'}"]))
+
+    one = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(one) == len(two) == 2 and any(m["grad_norm"] > 0 for m in one)
+    for a, b in zip(one, two):
+        assert a["tokens_generated"] == b["tokens_generated"]
+        for key in ("loss", "reward_mean", "response_len_mean", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), key
+    e1, e2 = (json.loads((d / "posttrain_eval.json").read_text()) for d in (single, tmp_path / "two"))
+    for phase in ("before", "after"):
+        assert e1[phase]["n"] == e2[phase]["n"] == 4
+        for key in ("accuracy", "response_len_mean", "format_ok_frac"):
+            assert abs(e1[phase][key] - e2[phase][key]) < 1e-9, (phase, key)
+    w1 = load_file(latest_checkpoint(single) / "model.safetensors")
+    w2 = load_file(latest_checkpoint(tmp_path / "two") / "model.safetensors")
+    w0 = load_file(tiny_model_dir / "model.safetensors")
+    moved = max((w1[name] - w0[name]).abs().max().item() for name in w0)
+    assert moved > 5e-4  # Adam moves weights by about lr = 1e-3 per step
+    for name in w1:
+        # Adam's first steps move each weight by ~lr * g / (|g| + eps): where a gradient is ~eps, the
+        # rounding of the all-reduced sum shows, so the tolerance is a tenth of one step, not float noise.
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-4)
