@@ -68,3 +68,30 @@ def test_bad_folders_are_one_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
     assert "neither a training run" in capsys.readouterr().err
+
+
+def test_posttrain_table_from_hand_made_results(tmp_path):
+    import json
+
+    from rmt.report import load_rows, posttrain_table
+
+    def phase(accuracy, length, closed):
+        return {"accuracy": accuracy, "response_len_mean": length, "reasoning_len_mean": length - 4,
+                "format_ok_frac": closed, "n": 48, "seconds": 1.0}
+
+    for name, before, after in (("base", phase(0.104, 30.0, 0.5), phase(0.375, 20.5, 1.0)),
+                                ("rmt", phase(0.25, 12.0, 1.0), None)):
+        post = tmp_path / name / "posttrain"
+        post.mkdir(parents=True)
+        (post / "posttrain_eval.json").write_text(json.dumps({
+            "model": name, "model_path": name, "source": "s", "n_train": 700, "n_eval": 48, "steps": 8,
+            "max_reasoning_tokens": 48, "answer_tokens": 12, "before": before, "after": after}))
+        (post / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward_mean": 0.25}) + "\n")
+    rows = load_rows([tmp_path / "base", tmp_path / "rmt"])  # folders holding only a post-training
+    lines = posttrain_table(rows).splitlines()
+    # Neither folder is a training run: both are "base", told apart by folder.
+    assert lines[2] == "| base (base) | 10.4 | 37.5 | +27.1 | 30.0 / 20.5 | 50% / 100% | 1 |"
+    assert lines[3] == "| base (rmt) | 25.0 | — | — | 12.0 / — | 100% / — | 1 |"
+    assert "post-training unfinished" in rows[1].notes[0]
+    path = write_report([tmp_path / "base", tmp_path / "rmt"], tmp_path / "report")
+    assert "## Post-training on math" in path.read_text() and (tmp_path / "report" / "posttrain.png").is_file()

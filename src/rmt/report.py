@@ -7,7 +7,12 @@ in `RUN_DIR/eval.json` (`rmt eval --model RUN_DIR` writes it there), or a folder
 - `accuracy.png` -- NTR accuracy per nested split and method (grouped bars);
 - `reasoning_length.png` -- mean reasoning length over training against the budget B_t and the cap;
 - `band_mix.png` -- the curriculum's band distribution p_t and the bands actually sampled;
-- `rewards.png` -- total, match and length reward over training.
+- `rewards.png` -- total, match and length reward over training;
+- `posttrain.png` -- when rows were post-trained: math accuracy before and after, and the GRPO reward.
+
+A row's post-training (SPEC §10) is found in `RUN_DIR/posttrain/` (`rmt posttrain --model RUN_DIR
+--out RUN_DIR/posttrain`; `rmt demo --posttrain` puts it there); the report then gets a before / after
+table of held-out math accuracy for every post-trained row.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ from rmt.config import load_config
 from rmt.difficulty import BAND_NAMES
 from rmt.errors import RmtError
 from rmt.evaluate import EVAL_FILE, load_eval
+from rmt.posttrain import EVAL_FILE as POSTTRAIN_EVAL_FILE
 
 FIGURES = ("accuracy.png", "reasoning_length.png", "band_mix.png", "rewards.png")
+POSTTRAIN_FIGURE = "posttrain.png"
+POSTTRAIN_DIR = "posttrain"  # a row's post-training run, inside its folder
 METHOD_NOTES = {  # SPEC §8
     "base": "the untrained model, zero-shot next-token reasoning",
     "ntp": "continued pre-training: next-token loss on all tokens, no RL",
@@ -44,6 +52,8 @@ class Row:
     config: object | None = None  # TrainConfig of a training run
     metrics: list[dict] = field(default_factory=list)
     evaluation: dict | None = None
+    posttrain: dict | None = None  # RUN_DIR/posttrain/posttrain_eval.json
+    posttrain_metrics: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -72,15 +82,15 @@ def load_row(folder: str | Path) -> Row:
     if not folder.is_dir():
         raise RmtError(f"{folder}: no such folder; give run folders (or a folder holding an {EVAL_FILE})")
     has_config, has_eval = (folder / "config.yaml").is_file(), (folder / EVAL_FILE).is_file()
-    if not has_config and not has_eval:
-        raise RmtError(f"{folder}: neither a training run (no config.yaml) nor an evaluation (no {EVAL_FILE})")
+    has_post = (folder / POSTTRAIN_DIR / POSTTRAIN_EVAL_FILE).is_file()
+    if not has_config and not has_eval and not has_post:
+        raise RmtError(f"{folder}: neither a training run (no config.yaml) nor an evaluation (no {EVAL_FILE}) "
+                       f"nor a post-training ({POSTTRAIN_DIR}/{POSTTRAIN_EVAL_FILE})")
     row = Row(folder, label="")
     if has_config:
         row.config = load_config(str(folder / "config.yaml"))
         row.label = method_label(row.config)
-        metrics_path = folder / "metrics.jsonl"
-        if metrics_path.is_file():
-            row.metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        row.metrics = _read_jsonl(folder / "metrics.jsonl")
         if not row.metrics:
             row.notes.append("no training steps logged")
         elif row.metrics[-1]["step"] < row.config.steps:
@@ -89,7 +99,27 @@ def load_row(folder: str | Path) -> Row:
         row.label = "base"
     if has_eval:
         row.evaluation = load_eval(folder / EVAL_FILE)
+    post = folder / POSTTRAIN_DIR
+    if (post / POSTTRAIN_EVAL_FILE).is_file():
+        row.posttrain = _read_json(post / POSTTRAIN_EVAL_FILE)
+        row.posttrain_metrics = _read_jsonl(post / "metrics.jsonl")
+        if row.posttrain["after"] is None:
+            row.notes.append(f"post-training unfinished ({len(row.posttrain_metrics)} of {row.posttrain['steps']} "
+                             "steps): no accuracy after")
     return row
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RmtError(f"{path}: cannot read it ({exc})") from exc
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def load_rows(folders) -> list[Row]:
@@ -129,6 +159,42 @@ def table(rows: list[Row]) -> str:
         cells = [r.label, *(_pct(_acc(ntr, s)) for s in BAND_NAMES), _pct(_acc(ntr)), _pct(_acc(ntp)), length, steps]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def posttrain_table(rows: list[Row]) -> str:
+    """Held-out math accuracy before and after the same GRPO post-training of each row (SPEC §10)."""
+    header = ["Start", "Accuracy before", "Accuracy after", "Change", "Response length before / after",
+              "`</think>` before / after", "GRPO steps"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for r in rows:
+        if r.posttrain is None:
+            continue
+        before, after = r.posttrain["before"], r.posttrain["after"]
+        acc = lambda phase: _pct(phase and phase["accuracy"])  # noqa: E731
+        change = f"{100 * (after['accuracy'] - before['accuracy']):+.1f}" if before and after else "—"
+        length = lambda phase: f"{phase['response_len_mean']:.1f}" if phase else "—"  # noqa: E731
+        closed = lambda phase: f"{100 * phase['format_ok_frac']:.0f}%" if phase else "—"  # noqa: E731
+        steps = str(r.posttrain_metrics[-1]["step"]) if r.posttrain_metrics else "0"
+        cells = [r.label, acc(before), acc(after), change, f"{length(before)} / {length(after)}",
+                 f"{closed(before)} / {closed(after)}", steps]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def posttrain_text(rows: list[Row]) -> str:
+    """What the post-training table measured, and whether its rows are comparable."""
+    reports = [r.posttrain for r in rows if r.posttrain]
+    first = reports[0]
+    same = lambda key: len({json.dumps(p.get(key)) for p in reports}) == 1  # noqa: E731
+    text = (f"Every start is post-trained by the same GRPO recipe on `{first['source']}` "
+            f"({first['n_train']} training questions, {first['steps']} steps) and evaluated greedily on the same "
+            f"{first['n_eval']} held-out questions, before and after, with a reasoning cap of "
+            f"{first['max_reasoning_tokens']} tokens. Accuracy in % (exact answer, checked with math-verify); "
+            "response length in tokens.")
+    differ = [key for key in ("source", "n_eval", "steps", "max_reasoning_tokens") if not same(key)]
+    if differ:
+        text += f" Note: the post-trainings differ in {', '.join(differ)}: their rows are not directly comparable."
+    return text
 
 
 def details(rows: list[Row]) -> str:
@@ -188,6 +254,10 @@ def write_markdown(rows: list[Row], out: Path, figures: dict[str, str]) -> Path:
     parts += [f"- **{m}**: {METHOD_NOTES[m]}" for m in methods] + [""]
     if notes:
         parts += ["Notes:", "", *notes, ""]
+    if any(r.posttrain for r in rows):
+        parts += ["## Post-training on math (SPEC §10)", "",
+                  "Does a mid-trained checkpoint make a better start for reinforcement post-training?", "",
+                  posttrain_table(rows), "", posttrain_text(rows), ""]
     parts += ["## Details", "", details(rows), ""]
     parts += ["## Figures", ""]
     for name, caption in figures.items():
@@ -353,6 +423,44 @@ def plot_rewards(rows: list[Row], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_posttrain(rows: list[Row], path: Path) -> None:
+    """Math accuracy before / after post-training per start (left) and the GRPO reward per step (right)."""
+    posted = [r for r in rows if r.posttrain]
+    fig = _figure(figsize=(12, 4.4))
+    left, right = fig.subplots(1, 2, width_ratios=[1, 1.3])
+    x = np.arange(len(posted))
+    for k, (phase, color) in enumerate((("before", "0.65"), ("after", "C2"))):
+        values = [r.posttrain[phase] and r.posttrain[phase]["accuracy"] for r in posted]
+        heights = [np.nan if v is None else 100 * v for v in values]
+        bars = left.bar(x - 0.2 + 0.4 * k, heights, 0.4, color=color, label=f"{phase} post-training")
+        left.bar_label(bars, labels=[_pct(v) for v in values], fontsize=8, padding=2)
+    left.set_xticks(x, [r.label for r in posted])
+    top = max([100 * (r.posttrain[p] or {}).get("accuracy", 0) for r in posted for p in ("before", "after")])
+    left.set_ylim(0, max(10.0, 1.25 * top))
+    left.set_ylabel("held-out accuracy (%)")
+    left.set_title("Math accuracy before and after the same post-training")
+    left.legend(fontsize=8)
+    left.grid(axis="y", alpha=0.3)
+    for k, r in enumerate(posted):
+        if r.posttrain_metrics:
+            steps, reward = _series(r.posttrain_metrics, "reward_mean")
+            window = max(1, len(steps) // 10)
+            right.plot(steps, reward, color=f"C{k}", alpha=0.3, linewidth=1)
+            right.plot(steps, _smooth(reward, window), color=f"C{k}", linewidth=2, marker="o", markersize=3,
+                       label=r.label)
+    if not any(r.posttrain_metrics for r in posted):
+        _empty(right, "no post-training step logged")
+    else:
+        right.legend(fontsize=8)
+        right.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        right.set_xlabel("post-training step")
+    right.set_ylim(-0.02, 1.02)
+    right.set_ylabel("mean reward = accuracy of the rollouts")
+    right.set_title("GRPO reward during post-training")
+    right.grid(alpha=0.3)
+    fig.savefig(path, dpi=120)
+
+
 def write_report(folders, out: str | Path) -> Path:
     """Write `report.md` and the figures for the given run folders into `out`; returns report.md."""
     if not folders:
@@ -374,6 +482,9 @@ def render(rows: list[Row], out: Path) -> Path:
         "band_mix.png": "Band mix over training (curriculum)",
         "rewards.png": "Rewards over training",
     }
+    if any(r.posttrain for r in rows):
+        plot_posttrain(rows, out / POSTTRAIN_FIGURE)
+        captions[POSTTRAIN_FIGURE] = "Post-training on math: before and after"
     return write_markdown(rows, out, captions)
 
 
@@ -387,5 +498,9 @@ def run(args: argparse.Namespace) -> int:
     rows = load_rows(args.runs)
     path = render(rows, args.out)
     print(table(rows))
-    print(f"wrote {path} and {', '.join(FIGURES)}")
+    figures = list(FIGURES)
+    if any(r.posttrain for r in rows):
+        print(f"\n{posttrain_table(rows)}")
+        figures.append(POSTTRAIN_FIGURE)
+    print(f"wrote {path} and {', '.join(figures)}")
     return 0
