@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from rmt.cli import main
-from rmt.demo import load_demo_config, train_config
+from rmt.demo import load_demo_config, posttrain_config, train_config
 from rmt.errors import RmtError
 from rmt.report import FIGURES
 
@@ -68,6 +68,45 @@ def test_demo_pipeline_on_the_tiny_model_and_resume(tiny_model_dir, tmp_path, ca
     assert "trained with other settings (steps)" in capsys.readouterr().err
 
 
+def test_demo_posttrain_stage_on_the_tiny_model_and_resume(tiny_model_dir, tmp_path, capsys):
+    from helpers import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    out = tmp_path / "demo"
+    post = ["posttrain.steps=2", "posttrain.save_every=1", "posttrain.keep_last=2", "posttrain.n_eval=4",
+            "posttrain.questions_per_step=2", "posttrain.max_reasoning_tokens=4", "posttrain.rollout.answer_tokens=3",
+            "posttrain.generated_train=60", "posttrain.generated_eval=30"]
+    argv = ["demo", "--posttrain", *tiny_demo_argv(tiny_model_dir, corpus, out, *post)[1:]]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    # score, base eval, 3 x (train, eval), 4 post-trainings (base and every method), report
+    assert "=== [9/13] post-train base" in printed and "=== [12/13] post-train rmt" in printed
+    assert "=== [13/13] report" in printed and "| Start | Accuracy before | Accuracy after |" in printed
+    for name in ("base", *METHODS):
+        report = json.loads((out / name / "posttrain" / "posttrain_eval.json").read_text())
+        assert report["before"]["n"] == report["after"]["n"] == 4 and report["steps"] == 2
+        start = str(tiny_model_dir) if name == "base" else str(out / name / "checkpoints" / "step-000002")
+        assert report["model_path"] == start  # each start post-trained from its own final checkpoint
+        assert [json.loads(line)["step"] for line in metrics_lines(out / name / "posttrain")] == [1, 2]
+    report_md = (out / "report" / "report.md").read_text()
+    section = report_md.split("## Post-training on math")[1].split("## Details")[0]
+    assert [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")][1:] == [
+        "base", *METHODS]
+    assert "held-out questions" in section and (out / "report" / "posttrain.png").stat().st_size > 10_000
+
+    # Again: nothing is redone. Then a post-training that lost its last checkpoint resumes from step 1.
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("already post-trained") == 4
+    shutil.rmtree(out / "rmt" / "posttrain" / "checkpoints" / "step-000002")
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("already post-trained") == 3 and "from step 1" in printed
+    assert [json.loads(line)["step"] for line in metrics_lines(out / "rmt" / "posttrain")] == [1, 2]
+    # Other post-training settings into the same folder: refused.
+    assert main([*argv, "posttrain.steps=3"]) == 2
+    assert "other settings (steps)" in capsys.readouterr().err
+
+
 def test_demo_configs_load_from_the_package():
     full, quick = load_demo_config(None, False, []), load_demo_config(None, True, [])
     for demo in (full, quick):
@@ -80,7 +119,10 @@ def test_demo_configs_load_from_the_package():
         assert configs["rpt"].reward.match == "prefix" and not configs["rpt"].budget.enabled
         assert configs["rmt"].budget.enabled and configs["rmt"].budget.b0 == demo.train["budget"]["b0"]
         assert not configs["ntp"].rl.enabled
+        post = posttrain_config(demo, "runs/rmt", "runs/rmt/posttrain")  # the packaged posttrain.yaml + overrides
+        assert post.model == "runs/rmt" and post.midtrain_corpus == demo.corpus
     assert quick.train["steps"] < full.train["steps"]
+    assert posttrain_config(quick, "m", "o").steps < posttrain_config(full, "m", "o").steps
 
 
 def test_demo_config_errors_are_one_line(tmp_path, capsys):

@@ -7,14 +7,17 @@ Stages, all into one folder DIR:
 3. for each method (ntp, rpt, rmt): mid-train with the same steps and the same rollouts per step
    (docs_per_step, positions_per_doc, group_size), then evaluate its final checkpoint
                                                                          -> DIR/<method>/, .../eval.json
-4. compare them                                                          -> DIR/report/report.md, *.png
+4. with `--posttrain`: post-train the base model and each method's checkpoint identically with GRPO on
+   math questions (SPEC §10), accuracy before and after                  -> DIR/<name>/posttrain/
+5. compare them                                                          -> DIR/report/report.md, *.png
 
 The settings are a `DemoConfig` YAML (`rmt/configs/demo.yaml`; `--quick` takes `demo-quick.yaml`):
-the demo's own `score` and `eval` options, and a `train` section shared by every method, on top of
-which each method's preset (SPEC §8) applies. Re-running into the same DIR skips what is finished:
+the demo's own `score` and `eval` options, a `train` section shared by every method, on top of
+which each method's preset (SPEC §8) applies, and a `posttrain` section of overrides to the packaged
+`posttrain.yaml`, the same for every starting checkpoint. Re-running into the same DIR skips what is finished:
 scoring resumes its shards, a run with its final checkpoint is not retrained, an unfinished run
 resumes from its latest checkpoint, and an evaluation of the same checkpoint with the same settings
-is kept.
+is kept; so is a finished post-training of the same checkpoint with the same settings.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from rmt.config import METHODS, TrainConfig, config_to_dict, load_config
 from rmt.corpus import EMBEDDED_CORPUS
 from rmt.errors import RmtError
 from rmt.evaluate import EVAL_FILE, EvalSettings, evaluate, format_table, load_eval, resolve_checkpoint, save_eval
-from rmt.report import load_rows, render, table
+from rmt.posttrain import EVAL_FILE as POSTTRAIN_EVAL_FILE
+from rmt.posttrain import PostTrainConfig, load_posttrain_config, posttrain
+from rmt.report import POSTTRAIN_DIR, load_rows, posttrain_table, render, table
 from rmt.score import ScoreOptions, score_dataset
 from rmt.train import train
 
@@ -50,6 +55,8 @@ class DemoConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
     # Any TrainConfig key except method, data and out, which the demo sets per run.
     train: dict[str, Any] = field(default_factory=lambda: {"model": EMBEDDED_MODEL})
+    # `--posttrain`: any PostTrainConfig key except model, out and midtrain_corpus (set per run).
+    posttrain: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -58,6 +65,9 @@ class DemoConfig:
         reserved = {"method", "data", "out"} & set(self.train)
         if reserved:
             raise RmtError(f"demo: train.{sorted(reserved)[0]} is set by the demo for each run; remove it")
+        reserved = {"model", "out", "midtrain_corpus"} & set(self.posttrain)
+        if reserved:
+            raise RmtError(f"demo: posttrain.{sorted(reserved)[0]} is set by the demo for each run; remove it")
 
     @property
     def model(self) -> str:
@@ -93,6 +103,15 @@ def train_config(demo: DemoConfig, method: str, data: Path, out: Path) -> TrainC
     paths = [f"data={json.dumps(str(data))}", f"out={json.dumps(str(out))}"]
     overrides = [f"method={method}", *_dotlist(demo.train), *paths]
     return load_config(None, overrides)
+
+
+def posttrain_config(demo: DemoConfig, model: str | Path, out: Path) -> PostTrainConfig:
+    """The packaged post-training config -> the demo's `posttrain` section -> this start's model and folder.
+
+    The questions are checked to be absent from the mid-training corpus (SPEC §10)."""
+    paths = [f"model={json.dumps(str(model))}", f"out={json.dumps(str(out))}",
+             f"midtrain_corpus={json.dumps(demo.corpus)}"]
+    return load_posttrain_config(None, [*_dotlist(demo.posttrain), *paths])
 
 
 class Stages:
@@ -131,11 +150,12 @@ def evaluate_into(model, data: Path, path: Path, settings: EvalSettings) -> dict
     return result
 
 
-def check_existing_run(config: TrainConfig) -> None:
+def check_existing_run(config: TrainConfig | PostTrainConfig) -> None:
     """A run already in the demo folder must have been started with the same settings."""
     saved = Path(config.out) / "config.yaml"
     if saved.is_file():
-        before = {k: v for k, v in config_to_dict(load_config(str(saved))).items() if k not in ("data", "out")}
+        old = load_config(str(saved), schema=type(config))
+        before = {k: v for k, v in config_to_dict(old).items() if k not in ("data", "out")}
         now = {k: v for k, v in config_to_dict(config).items() if k not in ("data", "out")}
         if before != now:
             changed = sorted(k for k in now if before.get(k) != now[k])
@@ -160,15 +180,42 @@ def train_or_resume(config: TrainConfig) -> None:
     train(config)
 
 
-def run_demo(demo: DemoConfig, out: str | Path) -> Path:
+def posttrain_or_resume(config: PostTrainConfig) -> None:
+    """Post-train one start; a finished post-training of the same checkpoint is kept, an unfinished one
+    resumes from its latest checkpoint."""
+    run_dir = Path(config.out)
+    start = checkpoint.resolve_model_path(config.model)
+    report_path = run_dir / POSTTRAIN_EVAL_FILE
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    if report and report["model_path"] != start:
+        raise RmtError(f"{run_dir} was post-trained from {report['model_path']}, but {config.model} is now {start}; "
+                       "delete that folder to post-train the new checkpoint")
+    latest = checkpoint.latest_checkpoint(run_dir)
+    done = json.loads((latest / "trainer_state.json").read_text())["step"] if latest else 0
+    if done >= config.steps and (report and report["after"] or not config.eval_after):
+        print(f"{run_dir} already post-trained ({done} steps)")
+        return
+    if latest:
+        print(f"resuming {run_dir} from step {done}")
+        posttrain(config, resume=True)
+        return
+    for name in ("metrics.jsonl", POSTTRAIN_EVAL_FILE):  # killed before its first checkpoint
+        (run_dir / name).unlink(missing_ok=True)
+    posttrain(config)
+
+
+def run_demo(demo: DemoConfig, out: str | Path, with_posttrain: bool = False) -> Path:
     """Run every stage into `out`; returns the report's markdown file."""
     out = Path(out).resolve()
     scored = out / "scored"
     configs = {m: train_config(demo, m, scored, out / m) for m in demo.methods}  # fail fast on a bad key
-    for config in configs.values():
+    starts = {"base": demo.model, **{m: out / m for m in demo.methods}}
+    post = {name: posttrain_config(demo, model, out / name / POSTTRAIN_DIR) for name, model in starts.items()
+            if with_posttrain}
+    for config in [*configs.values(), *post.values()]:
         check_existing_run(config)
     steps = {c.steps for c in configs.values()}
-    stages = Stages(total=3 + 2 * len(demo.methods))
+    stages = Stages(total=3 + 2 * len(demo.methods) + len(post))
     print(f"rmt demo: model {demo.model}, corpus {demo.corpus}, methods {', '.join(demo.methods)}, "
           f"{steps.pop() if len(steps) == 1 else steps} steps each -> {out}")
 
@@ -193,11 +240,19 @@ def run_demo(demo: DemoConfig, out: str | Path) -> Path:
         evaluate_into(out / method, scored, out / method / EVAL_FILE, demo.eval)
         stages.end()
 
+    for name, config in post.items():
+        stages.begin(f"post-train {name} ({config.model}): {config.steps} GRPO steps on {config.source}, "
+                     f"{config.questions_per_step} questions x {config.rollout.group_size} rollouts per step")
+        posttrain_or_resume(config)
+        stages.end()
+
     stages.begin("report")
     folders = [out / "base", *(out / m for m in demo.methods)]
     rows = load_rows(folders)
     path = render(rows, out / "report")
     print(table(rows))
+    if post:
+        print(f"\n{posttrain_table(rows)}")
     stages.end()
     print(f"\nrmt demo finished in {stages.elapsed()}: report {path}")
     return path
@@ -209,6 +264,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a demo config file instead of the packaged one")
     parser.add_argument("--model", help=f"model instead of the embedded {EMBEDDED_MODEL} (sets train.model)")
     parser.add_argument("--corpus", help=f"corpus instead of the embedded {EMBEDDED_CORPUS}")
+    parser.add_argument("--posttrain", action="store_true",
+                        help="also post-train the base model and every method's checkpoint with GRPO on math "
+                             "(SPEC §10) and add the before/after table to the report")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="demo config overrides, e.g. train.steps=10 eval.positions=64 score.max_docs=32")
 
@@ -219,5 +277,5 @@ def run(args: argparse.Namespace) -> int:
     shorthand = [f"train.model={json.dumps(args.model)}"] if args.model else []
     shorthand += [f"corpus={json.dumps(args.corpus)}"] if args.corpus else []
     demo = load_demo_config(args.config, args.quick, shorthand + args.overrides)
-    run_demo(demo, args.out)
+    run_demo(demo, args.out, with_posttrain=args.posttrain)
     return 0
