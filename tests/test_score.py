@@ -52,6 +52,13 @@ def test_stride_that_leaves_too_little_context_is_refused():
         ScoreOptions(max_length=64, stride=50, min_context=16)
 
 
+def test_default_stride_follows_the_window_length():
+    assert ScoreOptions().stride == 512 - 64
+    assert ScoreOptions(max_length=128).stride == 128 - 16  # `rmt score --max-length 128` alone works
+    assert ScoreOptions(max_length=64, min_context=24).stride == 64 - 24
+    assert ScoreOptions(max_length=128).meta()["stride"] == 112  # the resolved value is what resume checks
+
+
 @pytest.mark.parametrize("top_k, band_mode", [(16, "quantile"), (0, "fixed")])
 def test_entropies_match_a_direct_forward_and_bands_match_the_thresholds(
     tiny_model_dir, corpus, tmp_path, top_k, band_mode
