@@ -441,20 +441,23 @@ def plot_posttrain(rows: list[Row], path: Path) -> None:
     left.set_title("Math accuracy before and after the same post-training")
     left.legend(fontsize=8)
     left.grid(axis="y", alpha=0.3)
+    top = 0.0
     for k, r in enumerate(posted):
         if r.posttrain_metrics:
             steps, reward = _series(r.posttrain_metrics, "reward_mean")
             window = max(1, len(steps) // 10)
-            right.plot(steps, reward, color=f"C{k}", alpha=0.3, linewidth=1)
+            style = ("-", "--", ":", "-.")[k % 4]  # identical curves (an unchanged start) stay visible
+            right.plot(steps, reward, color=f"C{k}", alpha=0.3, linewidth=1, linestyle=style)
             right.plot(steps, _smooth(reward, window), color=f"C{k}", linewidth=2, marker="o", markersize=3,
-                       label=r.label)
+                       linestyle=style, label=r.label + (f" ({window}-step mean)" if window > 1 else ""))
+            top = max(top, float(np.nanmax(reward, initial=0.0)))
     if not any(r.posttrain_metrics for r in posted):
         _empty(right, "no post-training step logged")
     else:
         right.legend(fontsize=8)
         right.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         right.set_xlabel("post-training step")
-    right.set_ylim(-0.02, 1.02)
+    right.set_ylim(-0.02, min(1.02, max(0.1, 1.15 * top)))  # rewards lie in [0, 1]; zoom in on small ones
     right.set_ylabel("mean reward = accuracy of the rollouts")
     right.set_title("GRPO reward during post-training")
     right.grid(alpha=0.3)
