@@ -135,9 +135,10 @@ def test_demo_config_errors_are_one_line(tmp_path, capsys):
 
 
 def test_quick_demo_on_embedded_model(tmp_path, capsys):
-    """The one real end-to-end run (a few minutes): embedded model and corpus, every stage, the report."""
+    """The one real end-to-end run (a few minutes): embedded model and corpus, every stage including the
+    post-training of every start, the report."""
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--posttrain", "--out", str(out)]) == 0
     report = (out / "report" / "report.md").read_text()
     assert method_rows(report) == ["base", *METHODS]
     for name in FIGURES:
@@ -145,4 +146,7 @@ def test_quick_demo_on_embedded_model(tmp_path, capsys):
     for folder in ("base", *METHODS):
         result = json.loads((out / folder / "eval.json").read_text())
         assert result["results"]["ntr"]["positions"] == 12 and result["results"]["ntp"]["positions"] > 0
+        post = json.loads((out / folder / "posttrain" / "posttrain_eval.json").read_text())
+        assert post["before"]["n"] == post["after"]["n"] == 8
+    assert "## Post-training on math" in report and (out / "report" / "posttrain.png").is_file()
     assert "rmt demo finished in" in capsys.readouterr().out
