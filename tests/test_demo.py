@@ -19,7 +19,7 @@ def tiny_demo_argv(model, corpus, out, *extra):
 
 
 def method_rows(report_md):
-    table = report_md.split("## Details")[0]
+    table = report_md.split("## Details")[0].split("## Post-training")[0]
     return [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
 
 
