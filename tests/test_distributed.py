@@ -120,3 +120,31 @@ def test_two_process_posttraining_matches_one_process(tiny_model_dir, tmp_path, 
         # Adam's first steps move each weight by ~lr * g / (|g| + eps): where a gradient is ~eps, the
         # rounding of the all-reduced sum shows, so the tolerance is a tenth of one step, not float noise.
         torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-4)
+
+
+def test_two_process_training_resumes_exactly(tiny_model_dir, tiny_scored_dir, tmp_path):
+    import shutil
+
+    from helpers import assert_same_record
+
+    overrides = [f"model={tiny_model_dir}", f"data={tiny_scored_dir}", "steps=4", "docs_per_step=2",
+                 "rollout.group_size=4", "rollout.positions_per_doc=2", "budget.b0=12", "optim.lr=1e-3",
+                 "save_every=2", "keep_last=2"]
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    torchrun(["train", f"out={full}", *overrides])
+    # A crash after step 3: the step-4 checkpoint never came, the step-3 metrics line did.
+    shutil.copytree(full, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step-000004")
+    lines = (crashed / "metrics.jsonl").read_text().splitlines()
+    (crashed / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    torchrun(["train", "--resume", f"out={crashed}", *overrides])
+
+    one = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert_same_record(a, b, skip=("rollout_seconds", "reward_seconds", "train_seconds", "step_seconds"))
+    w1 = load_file(latest_checkpoint(full) / "model.safetensors")
+    w2 = load_file(latest_checkpoint(crashed) / "model.safetensors")
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=0)
