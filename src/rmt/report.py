@@ -493,7 +493,8 @@ def render(rows: list[Row], out: Path) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help=f"training run folders with {EVAL_FILE}, and/or a folder holding only a base {EVAL_FILE}")
+                        help=f"training run folders with {EVAL_FILE}, and/or a folder holding only a base {EVAL_FILE}; "
+                             f"a RUN_DIR/{POSTTRAIN_DIR}/ post-training adds the before / after table")
     parser.add_argument("--out", required=True, type=Path, help="report folder (report.md and figures)")
 
 
