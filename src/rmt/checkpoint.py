@@ -41,6 +41,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_step(path: Path | None) -> int:
+    """The training step a checkpoint folder was saved at; 0 for None (no checkpoint yet)."""
+    return json.loads((path / "trainer_state.json").read_text())["step"] if path else 0
+
+
 def resolve_model_path(path: str) -> str:
     """A run folder stands for its latest checkpoint; anything else is returned unchanged."""
     candidate = Path(path)
@@ -89,7 +94,7 @@ def load_checkpoint(accelerator, path: Path, model) -> int:
         accelerator.load_state(str(path / "trainer_state"))
         hook.remove()
         _load_hf_weights(accelerator.unwrap_model(model), path)
-    return json.loads((path / "trainer_state.json").read_text())["step"]
+    return checkpoint_step(path)
 
 
 def _sharded(accelerator) -> bool:

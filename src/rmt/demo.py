@@ -167,7 +167,7 @@ def train_or_resume(config: TrainConfig) -> None:
     """Train a run; a finished run is kept, an unfinished one resumes from its latest checkpoint."""
     run_dir = Path(config.out)
     latest = checkpoint.latest_checkpoint(run_dir)
-    done = json.loads((latest / "trainer_state.json").read_text())["step"] if latest else 0
+    done = checkpoint.checkpoint_step(latest)
     if done >= config.steps:
         print(f"{run_dir} already trained ({done} steps)")
         return
@@ -191,7 +191,7 @@ def posttrain_or_resume(config: PostTrainConfig) -> None:
         raise RmtError(f"{run_dir} was post-trained from {report['model_path']}, but {config.model} is now {start}; "
                        "delete that folder to post-train the new checkpoint")
     latest = checkpoint.latest_checkpoint(run_dir)
-    done = json.loads((latest / "trainer_state.json").read_text())["step"] if latest else 0
+    done = checkpoint.checkpoint_step(latest)
     if done >= config.steps and (report and report["after"] or not config.eval_after):
         print(f"{run_dir} already post-trained ({done} steps)")
         return

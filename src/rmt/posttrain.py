@@ -34,7 +34,7 @@ from rmt.losses import group_advantages
 from rmt.mathdata import MATH_INSTRUCTION, MathQuestion, QuestionPrompt, check_disjoint, load_math_data, math_reward
 from rmt.rewards import extract_prediction
 from rmt.rollout import RolloutEngine, RolloutSettings
-from rmt.train import DataOrder, accumulate_gradients, gather_metrics, global_sum, prepare_run_dir
+from rmt.train import DataOrder, accumulate_gradients, gather_metrics, global_sum, prepare_run_dir, truncate_metrics
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "posttrain.yaml"
 EVAL_FILE = "posttrain_eval.json"
@@ -212,10 +212,8 @@ def posttrain(config: PostTrainConfig, resume: bool = False) -> Path:
         start_step = checkpoint.load_checkpoint(accelerator, checkpoint.latest_checkpoint(run_dir), model)
         if (run_dir / EVAL_FILE).exists():
             report["before"] = json.loads((run_dir / EVAL_FILE).read_text())["before"]
-        if main:  # drop lines logged after the checkpoint: they are recomputed identically
-            lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-            kept = [line for line in lines if json.loads(line)["step"] <= start_step]
-            (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+        if main:
+            truncate_metrics(run_dir, start_step)
 
     # ---- evaluation before ----------------------------------------------------------------------
     if config.eval_before and report["before"] is None:

@@ -26,6 +26,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from rmt.config import load_config
+from rmt.corpus import read_jsonl_records
 from rmt.difficulty import BAND_NAMES
 from rmt.errors import RmtError
 from rmt.evaluate import EVAL_FILE, load_eval
@@ -99,8 +100,8 @@ def load_row(folder: str | Path) -> Row:
         row.label = "base"
     if has_eval:
         row.evaluation = load_eval(folder / EVAL_FILE)
-    post = folder / POSTTRAIN_DIR
-    if (post / POSTTRAIN_EVAL_FILE).is_file():
+    if has_post:
+        post = folder / POSTTRAIN_DIR
         row.posttrain = _read_json(post / POSTTRAIN_EVAL_FILE)
         row.posttrain_metrics = _read_jsonl(post / "metrics.jsonl")
         if row.posttrain["after"] is None:
@@ -117,9 +118,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [record for _, record in read_jsonl_records(path)] if path.is_file() else []
 
 
 def load_rows(folders) -> list[Row]:

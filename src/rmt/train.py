@@ -79,6 +79,13 @@ class DataOrder:
         self.order, self.cursor = state["order"], state["cursor"]
 
 
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop the metrics lines logged after `step` (the resumed checkpoint): they are recomputed identically."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+
+
 def prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
     run_dir = Path(config.out)
     if resume:
@@ -144,10 +151,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     start_step = 0
     if resume:
         start_step = checkpoint.load_checkpoint(accelerator, checkpoint.latest_checkpoint(run_dir), model)
-        if main:  # drop lines logged after the checkpoint: they are recomputed identically
-            lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-            kept = [line for line in lines if json.loads(line)["step"] <= start_step]
-            (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+        if main:
+            truncate_metrics(run_dir, start_step)
     accelerator.init_trackers("rmt", config=config_to_dict(config))
 
     T, G, P = config.steps, config.rollout.group_size, config.rollout.positions_per_doc
