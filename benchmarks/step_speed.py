@@ -6,9 +6,9 @@ four fresh worker processes each load the model and do one thing, so each one's 
 
 - `naive-rollout`:  `RolloutEngine.generate` over the P·G prompts (every prompt re-encodes its prefix);
 - `shared-rollout`: `RolloutEngine.generate_shared` (the document's prefix is encoded once);
-- `naive-train`:    `train.accumulate_gradients` (RL loss over padded prompt+response rows, NTP in a
+- `naive-train`:    `grpo.policy_update` with the per-rollout backend (RL loss over padded prompt+response rows, NTP in a
   second pass over the document);
-- `packed-train`:   `packed.pack_documents` + `packed.packed_losses` (one forward per document).
+- `packed-train`:   `grpo.policy_update` with the packed backend (one forward per document).
 
 Each worker warms up first (one-time costs of the first calls) and keeps the best of `--repeats` timings
 (`--tiny-repeats` for the tiny model, whose timings are milliseconds). Both training workers use the
@@ -107,19 +107,19 @@ def worker(args) -> dict:
 def train_step(args, model, tokenizer, window, positions, pre, post, rollouts) -> tuple[float, int]:
     """Seconds of one step's forward+backward of L_RL + λ·L_NTP, as train.py runs it (naive) or packed,
     and the number of tokens it forwards."""
-    from accelerate import Accelerator
-
-    from rmt.config import load_config
-    from rmt.packed import PackItem, pack_documents, packed_losses
-    from rmt.scored import ScoredWindow
-    from rmt.train import accumulate_gradients, ntp_target_mask
+    from rmt.grpo import PackedBackend, PerRolloutBackend, UpdateSettings, make_trajectories, policy_update
+    from rmt.packed import PackItem, pack_documents
+    from rmt.scored import ScoredWindow, ntp_target_mask
 
     n = len(window)
     doc = ScoredWindow("bench", 0, 0, 1, np.array(window, dtype=np.int64), np.zeros(n, np.float32),
                        np.zeros(n, np.int8))
     G = args.g
     advantages = torch.randn(len(positions), G, generator=torch.Generator().manual_seed(0))
-    config, accelerator = load_config(None, [f"rollout.group_size={G}"]), Accelerator(cpu=True)
+    where = [(0, int(t)) for t in positions]
+    trajectories = make_trajectories(rollouts, [{"reward": 0.0}] * len(rollouts), advantages, where)
+    masks = [ntp_target_mask(doc, positions)]
+    settings = UpdateSettings(ntp_weight=0.1, micro_batch=16, pack_tokens=args.pack_tokens)
     model.train()
     model(input_ids=torch.tensor([window[:64]]), labels=torch.tensor([window[:64]])).loss.backward()  # warm-up
     seconds = []
@@ -127,17 +127,13 @@ def train_step(args, model, tokenizer, window, positions, pre, post, rollouts) -
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
         if args.mode == "naive-train":
-            accumulate_gradients(config, model, None, accelerator, tokenizer, [doc], [np.array(positions)],
-                                 rollouts, advantages)
+            policy_update(model, trajectories, [window], masks, settings, PerRolloutBackend(tokenizer.pad_token_id, 16))
             tokens = n + sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
         else:
+            policy_update(model, trajectories, [window], masks, settings, PackedBackend(pre, post, args.pack_tokens))
             items = [PackItem(0, t, r.response_ids, r.sampled_mask)
                      for r, t in zip(rollouts, [t for t in positions for _ in range(G)])]
-            masks = [ntp_target_mask(doc, positions)]
-            packs = pack_documents(pre, post, [window], items, max_tokens=args.pack_tokens)
-            packed_losses(model, packs, advantages.flatten(), masks, sum(sum(r.sampled_mask) for r in rollouts),
-                          int(masks[0].sum()), 0.1)
-            tokens = sum(len(pack) for pack in packs)
+            tokens = sum(len(pack) for pack in pack_documents(pre, post, [window], items, max_tokens=args.pack_tokens))
         seconds.append(time.perf_counter() - start)
     return min(seconds), tokens
 

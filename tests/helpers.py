@@ -55,3 +55,26 @@ def assert_same_record(a: dict, b: dict, skip=()) -> None:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
         else:
             assert a[key] == b[key], key
+
+
+class OddLength:
+    """A reward through the reward interface (`rmt.rewards`): 1 for responses of odd length in characters.
+
+    A random tiny model never writes a correct answer, which would leave every advantage 0 and the weights
+    unchanged; this reward differs within most groups, so that the tests' steps really update the model.
+    Subprocesses name it in the config: `reward.name=helpers:OddLength` with the tests folder on PYTHONPATH."""
+
+    name = "odd-length"
+
+    def __call__(self, rollouts, tasks, context):
+        assert len(rollouts) == len(tasks)
+        return [{"reward": float(len(r.text) % 2), "odd": float(len(r.text) % 2)} for r in rollouts]
+
+
+def subprocess_env() -> dict:
+    """The environment for a subprocess that imports from the tests folder (e.g. `helpers:OddLength`)."""
+    import os
+
+    folder = str(Path(__file__).parent)
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([folder, *filter(None, [os.environ.get("PYTHONPATH")])])}

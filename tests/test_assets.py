@@ -18,8 +18,33 @@ def test_unknown_model_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RmtError, match="cannot load model 'no-such-org/no-such-model'"):
         assets.load_tokenizer("no-such-org/no-such-model")
-    with pytest.raises(RmtError, match="cannot load model"):
+    with pytest.raises(RmtError, match="missing' does not exist"):
         assets.load_model(str(tmp_path / "missing"))
+
+
+def test_one_resolver_for_every_form_of_model(tiny_model_dir, tmp_path):
+    """Hub name, model folder, run folder (latest complete checkpoint); anything else is one clear error."""
+    import json
+    import shutil
+
+    assert assets.resolve_model("Qwen/Qwen3-1.7B-Base") == "Qwen/Qwen3-1.7B-Base"
+    assert assets.resolve_model(str(tiny_model_dir)) == str(tiny_model_dir)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(RmtError, match="no complete checkpoint"):
+        assets.resolve_model(str(run))
+    for step in (1, 2):
+        shutil.copytree(tiny_model_dir, run / "checkpoints" / f"step-{step:06d}")
+        (run / "checkpoints" / f"step-{step:06d}" / "trainer_state.json").write_text(json.dumps({"step": step}))
+    shutil.copytree(tiny_model_dir, run / "checkpoints" / "step-000003")  # incomplete: no trainer_state.json
+    assert assets.resolve_model(str(run)) == str(run / "checkpoints" / "step-000002")
+    assert assets.load_model(str(run)).config.vocab_size > 0  # every command loads a run folder the same way
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RmtError, match="neither a model folder"):
+        assets.resolve_model(str(tmp_path / "empty"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RmtError, match="is a file"):
+        assets.resolve_model(str(tmp_path / "file"))
 
 
 @pytest.mark.slow

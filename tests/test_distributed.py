@@ -1,11 +1,11 @@
 """Multi-process runs on CPU (gloo) through torchrun must match one process with the same global batch."""
 
 import json
-import os
 import subprocess
 import sys
 
 import torch
+from helpers import subprocess_env
 from safetensors.torch import load_file
 
 from rmt.checkpoint import latest_checkpoint
@@ -14,35 +14,20 @@ from rmt.train import train
 
 
 def torchrun(args, nproc=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    """`torchrun -m rmt.cli ARGS`; the tests folder is importable (for `reward.name=helpers:OddLength`)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "rmt.cli", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-# A random tiny model almost never predicts the next token, which would leave the RL gradient ~0 and
-# its all-reduce untested: the tests reward odd-length responses instead.
-PATCH_TRAIN_REWARD = ("import rmt.train as t; t.extract_prediction = lambda text: text; "
-                      "t.match_reward = lambda kind, text, ids, pos, tok: float(len(text) % 2)")
-
-
-def patched_torchrun(tmp_path, patch, args, nproc=2):
-    script = tmp_path / "patched_cli.py"
-    script.write_text(f"{patch}\nfrom rmt.cli import main\nraise SystemExit(main())\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", str(script), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-def test_two_process_training_matches_one_process(tiny_model_dir, tiny_scored_dir, tmp_path, monkeypatch):
+def test_two_process_training_matches_one_process(tiny_model_dir, tiny_scored_dir, tmp_path):
+    # A random tiny model almost never predicts the next token, which would leave the RL gradient ~0 and
+    # its all-reduce untested: the runs are rewarded by `helpers.OddLength` through the reward interface.
     overrides = [f"model={tiny_model_dir}", f"data={tiny_scored_dir}", "steps=3", "docs_per_step=2",
                  "rollout.group_size=4", "rollout.positions_per_doc=2", "budget.b0=12", "optim.lr=1e-3",
-                 "save_every=3"]
-    patched_torchrun(tmp_path, PATCH_TRAIN_REWARD, ["train", f"out={tmp_path / 'two'}", *overrides])
-    monkeypatch.setattr("rmt.train.extract_prediction", lambda text: text)
-    monkeypatch.setattr("rmt.train.match_reward", lambda kind, text, ids, pos, tok: float(len(text) % 2))
+                 "save_every=3", "reward.name=helpers:OddLength"]
+    torchrun(["train", f"out={tmp_path / 'two'}", *overrides])
     single = train(load_config(None, overrides + [f"out={tmp_path / 'one'}"]))
     double = tmp_path / "two"
 
@@ -103,17 +88,16 @@ def test_two_process_evaluation_gives_the_one_process_result(tiny_model_dir, tin
     assert two["results"] == json.loads(json.dumps(one["results"]))
 
 
-def test_two_process_posttraining_matches_one_process(tiny_model_dir, tmp_path, monkeypatch):
-    from test_posttrain import PATCH_REWARD, _write, tiny_overrides
+def test_two_process_posttraining_matches_one_process(tiny_model_dir, tmp_path):
+    from test_posttrain import _write, tiny_overrides
 
     from rmt.posttrain import load_posttrain_config, posttrain
 
     questions = _write(tmp_path / "questions.jsonl", [(f"What is {a} plus {b}?", str(a + b))
                                                       for a in range(1, 9) for b in range(1, 6)])
     overrides = tiny_overrides(tiny_model_dir, questions, steps=2)
-    # A random tiny model is never right: reward odd-length responses so that the steps change the weights.
-    patched_torchrun(tmp_path, PATCH_REWARD, ["posttrain", f"out={tmp_path / 'two'}", *overrides])
-    monkeypatch.setattr("rmt.posttrain.math_reward", lambda text, gold: float(len(text) % 2))
+    # A random tiny model is never right: `tiny_overrides` rewards odd-length responses (helpers.OddLength).
+    torchrun(["posttrain", f"out={tmp_path / 'two'}", *overrides])
     single = posttrain(load_posttrain_config(None, overrides + [f"out={tmp_path / 'one'}"]))
 
     one = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]

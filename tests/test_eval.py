@@ -85,11 +85,12 @@ def test_ntr_sample_and_accuracy_are_recounted_from_the_records(tiny_model_dir, 
     common = max(set(targets), key=targets.count)
 
     # A model that always answers the most common target after 3 reasoning tokens: right exactly there.
-    def always_common(self, prompts, generator=None):
+    def always_common(self, docs, copies, seeds=None, max_reasoning_tokens=None):
         text = f"a b c</think> \\boxed{{{common}}}"
+        prompts = [p for doc in docs for p in doc.prompts() for _ in range(copies)]
         return [Rollout(prompt_ids=p, reasoning_len=3, closed_think=True, text=text) for p in prompts]
 
-    monkeypatch.setattr(RolloutEngine, "generate", always_common)
+    monkeypatch.setattr(RolloutEngine, "generate_shared", always_common)
     result = evaluate(str(tiny_model_dir), tiny_scored_dir, ["ntr"], budget=4, positions=60, seed=3, progress=False)
 
     picked = sorted(np.random.default_rng(3).choice(len(positions), size=60, replace=False))

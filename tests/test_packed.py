@@ -6,11 +6,11 @@ import torch
 from rmt import assets
 from rmt.forward import document_logits, response_logprobs
 from rmt.losses import grpo_loss, ntp_loss
-from rmt.packed import PackItem, pack_documents, packed_forward, packed_losses
+from rmt.grpo import PackedBackend, PerRolloutBackend, Trajectory, UpdateSettings, policy_update
+from rmt.packed import PackItem, pack_documents, packed_forward
 from rmt.prompts import PromptBuilder
 from rmt.rollout import RolloutEngine, RolloutSettings, document_prompts
-from rmt.scored import load_scored
-from rmt.train import ntp_target_mask
+from rmt.scored import load_scored, ntp_target_mask
 
 G = 3
 BUDGET = 6
@@ -119,7 +119,7 @@ def test_packed_logprobs_and_ntp_logits_equal_naive(setup, empty_post):
 
 
 def naive_loss(model, pre, post, docs, positions, items, advantages, lam, pad, micro=4):
-    """The step loss as `train.accumulate_gradients` computes it, backpropagated."""
+    """The step loss written out by hand (per-rollout forwards, then the documents), backpropagated."""
     rl_tokens = sum(sum(it.sampled_mask) for it in items)
     masks = [ntp_target_mask(d, pos) for d, pos in zip(docs, positions)]
     ntp_tokens = sum(int(m.sum()) for m in masks)
@@ -144,19 +144,19 @@ def naive_loss(model, pre, post, docs, positions, items, advantages, lam, pad, m
     return total
 
 
-def packed_loss(model, pre, post, docs, positions, items, advantages, lam, max_tokens):
-    """The same step loss from packed forwards, as train.py runs it with optim.packed."""
-    rl_tokens = sum(sum(it.sampled_mask) for it in items)
+def core_loss(model, pre, post, docs, positions, items, advantages, lam, backend):
+    """The same step loss from `grpo.policy_update` with the given backend (what the recipes run)."""
+    trajectories = [Trajectory(pre + [int(x) for x in docs[it.doc].input_ids[: it.position]] + post,
+                               it.response_ids, it.sampled_mask, float(a), it.doc, it.position)
+                    for it, a in zip(items, advantages)]
     masks = [ntp_target_mask(d, pos) for d, pos in zip(docs, positions)]
-    ntp_tokens = sum(int(m.sum()) for m in masks)
-    packs = pack_documents(pre, post, [d.input_ids for d in docs], items, with_windows=lam > 0, max_tokens=max_tokens)
-    assert len(packs) >= len(docs)
-    loss_rl, loss_ntp, _ = packed_losses(model, packs, advantages, masks, rl_tokens, ntp_tokens, lam)
-    return float(loss_rl + lam * loss_ntp)
+    settings = UpdateSettings(ntp_weight=lam, micro_batch=4, pack_tokens=backend.pack_tokens
+                              if isinstance(backend, PackedBackend) else 2048)
+    return policy_update(model, trajectories, [d.input_ids for d in docs], masks, settings, backend)["loss"]
 
 
-@pytest.mark.parametrize("max_tokens", [4096, 250])  # one pack per document; several per document
-def test_packed_loss_and_gradients_equal_naive(setup, max_tokens):
+@pytest.mark.parametrize("backend", ["packed-4096", "packed-250", "per-rollout"])  # one or several packs per doc
+def test_policy_update_loss_and_gradients_equal_a_hand_written_step(setup, backend):
     tokenizer, model, builder, docs, positions = setup
     model.train()
     pre, post = builder.parts(BUDGET)
@@ -168,7 +168,9 @@ def test_packed_loss_and_gradients_equal_naive(setup, max_tokens):
     expected = naive_loss(model, *args, pad=tokenizer.pad_token_id)
     expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    got = packed_loss(model, *args, max_tokens=max_tokens)
+    chosen = PerRolloutBackend(tokenizer.pad_token_id, 4) if backend == "per-rollout" \
+        else PackedBackend(pre, post, int(backend.split("-")[1]))
+    got = core_loss(model, *args, backend=chosen)
     assert got == pytest.approx(expected, abs=1e-6)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_same_record, run_and_kill
+from helpers import assert_same_record, run_and_kill, subprocess_env
 from safetensors.torch import load_file
 
 from rmt.checkpoint import latest_checkpoint
@@ -129,20 +129,12 @@ def test_question_prompt(tiny_model_dir, tiny_model_no_template_dir):
 
 # ---- the recipe ---------------------------------------------------------------------------------
 
-# A random tiny model never writes a correct answer, which would leave every advantage 0 and the weights
-# unchanged. These tests reward odd-length responses instead, so that steps really update the model.
-PATCH_REWARD = "import rmt.posttrain as p; p.math_reward = lambda text, gold: float(len(text) % 2)"
-
-
-@pytest.fixture
-def odd_length_reward(monkeypatch):
-    monkeypatch.setattr("rmt.posttrain.math_reward", lambda text, gold: float(len(text) % 2))
-
-
 def tiny_overrides(model, questions, steps=3):
+    # A random tiny model never writes a correct answer: the steps are rewarded by `helpers.OddLength`
+    # (through the reward interface) so that they really update the model.
     return [f"model={model}", f"source={questions}", f"steps={steps}", "questions_per_step=2",
             "rollout.group_size=4", "max_reasoning_tokens=8", "rollout.answer_tokens=3", "n_eval=4",
-            "optim.lr=1e-3", "save_every=2"]
+            "optim.lr=1e-3", "save_every=2", "reward=helpers:OddLength"]
 
 
 @pytest.fixture
@@ -155,7 +147,7 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_posttrain_end_to_end(tiny_model_dir, tiny_questions, tmp_path, odd_length_reward, capsys):
+def test_posttrain_end_to_end(tiny_model_dir, tiny_questions, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["posttrain", f"--out={out}", *tiny_overrides(tiny_model_dir, tiny_questions)]) == 0
     metrics = read_metrics(out)
@@ -183,14 +175,14 @@ def test_posttrain_end_to_end(tiny_model_dir, tiny_questions, tmp_path, odd_leng
     assert again["model_path"] == str(latest_checkpoint(out)) and again["before"] is None and again["after"]
 
 
-def test_resume_after_sigkill_is_exact(tiny_model_dir, tiny_questions, tmp_path, odd_length_reward):
+def test_resume_after_sigkill_is_exact(tiny_model_dir, tiny_questions, tmp_path):
     overrides = tiny_overrides(tiny_model_dir, tiny_questions, steps=6)
     reference = posttrain(load_posttrain_config(None, overrides + [f"out={tmp_path / 'ref'}"]))
 
     killed = tmp_path / "killed"
-    code = f"{PATCH_REWARD}; from rmt.cli import main; main({['posttrain', f'out={killed}', *overrides]!r})"
     # Kill after the step-2 checkpoint, before the run ends: some logged steps are then lost.
-    run_and_kill([sys.executable, "-c", code], killed / "metrics.jsonl", 3, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run_and_kill([sys.executable, "-m", "rmt.cli", "posttrain", f"out={killed}", *overrides], killed / "metrics.jsonl",
+                 3, env=subprocess_env())
     assert latest_checkpoint(killed).name in ("step-000002", "step-000004")
 
     assert main(["posttrain", "--resume", f"out={killed}", *overrides]) == 0
@@ -213,11 +205,13 @@ def test_packaged_config_is_valid():
     config = load_posttrain_config()
     data = load_math_data(config.source, config.eval_source, config.eval_fraction, config.generated_train,
                           config.generated_eval, config.seed, config.task_options)
-    assert len(data.eval) >= config.n_eval and config.ntp.weight == 0
+    assert len(data.eval) >= config.n_eval and config.reward == "math"
 
 
 def test_config_errors_are_clear(tmp_path, capsys):
-    with pytest.raises(RmtError, match="ntp.weight must be 0"):
+    with pytest.raises(RmtError, match="rl.enabled must be true"):
+        load_posttrain_config(None, ["rl.enabled=false"])
+    with pytest.raises(RmtError, match="key: ntp"):  # post-training has no NTP term, hence no such section
         load_posttrain_config(None, ["ntp.weight=0.1"])
     assert main(["posttrain", f"--out={tmp_path / 'run'}", "--source=nowhere.jsonl"]) == 2
     assert "does not exist" in capsys.readouterr().err

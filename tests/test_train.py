@@ -22,7 +22,7 @@ def tiny_config(model, data, out, *extra):
     return load_config(None, [
         f"model={model}", f"data={data}", f"out={out}", "steps=6", "docs_per_step=2",
         "rollout.group_size=4", "rollout.positions_per_doc=2", "rollout.answer_tokens=4",
-        "budget.b0=12", "budget.fixed_max_tokens=12", "optim.lr=1e-3", "optim.micro_batch=8",
+        "budget.b0=12", "budget.max_reasoning_tokens=12", "optim.lr=1e-3", "optim.micro_batch=8",
         "save_every=2", "keep_last=2", *extra,
     ])
 

@@ -83,16 +83,41 @@ def _convert_embedded(target: Path) -> None:
 
 
 def resolve_model(name: str) -> str:
-    """Turn a model name into what `from_pretrained` takes; builds the embedded model's cache on first use."""
+    """What `from_pretrained` takes for a model given on the command line, for every command:
+
+    - `smollm2-135m-instruct`: the embedded model's converted folder (built on first use);
+    - a run folder (it has `checkpoints/`): its latest complete checkpoint;
+    - a model folder (it has `config.json`): itself;
+    - anything else that names no local path: a Hugging Face hub name, returned as given.
+
+    A local path that is neither a model nor a run folder is an RmtError."""
     if name == EMBEDDED_MODEL:
         target = embedded_model_dir()
         if not (target / "config.json").is_file():
             _convert_embedded(target)
         return str(target)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "checkpoints").is_dir():
+            from rmt.checkpoint import latest_checkpoint
+
+            latest = latest_checkpoint(path)
+            if latest is None:
+                raise RmtError(f"{name}: run folder has no complete checkpoint yet")
+            return str(latest)
+        if not (path / "config.json").is_file():
+            raise RmtError(f"{name}: neither a model folder (no config.json) nor a run folder (no checkpoints/)")
+        return str(path)
+    if path.exists():
+        raise RmtError(f"{name}: is a file; give a model folder, a run folder, '{EMBEDDED_MODEL}' or a hub name")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise RmtError(f"model '{name}' does not exist; give a model folder, a run folder, "
+                       f"'{EMBEDDED_MODEL}' or a hub name")
     return name
 
 
 def load_tokenizer(name: str):
+    """The tokenizer of a model (any form `resolve_model` takes), with a pad token."""
     from transformers import AutoTokenizer
 
     path = resolve_model(name)
@@ -106,6 +131,7 @@ def load_tokenizer(name: str):
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """A causal LM (any form `resolve_model` takes), with SDPA attention (packed forwards need it)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name)

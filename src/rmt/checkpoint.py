@@ -46,17 +46,6 @@ def checkpoint_step(path: Path | None) -> int:
     return json.loads((path / "trainer_state.json").read_text())["step"] if path else 0
 
 
-def resolve_model_path(path: str) -> str:
-    """A run folder stands for its latest checkpoint; anything else is returned unchanged."""
-    candidate = Path(path)
-    if (candidate / "checkpoints").is_dir():
-        latest = latest_checkpoint(candidate)
-        if latest is None:
-            raise RmtError(f"{path}: run folder has no complete checkpoint yet")
-        return str(latest)
-    return path
-
-
 def save_checkpoint(accelerator, run_dir, step: int, model, tokenizer, info: dict, keep_last: int) -> Path:
     """Every process calls this; the model is consolidated and written once."""
     target = checkpoint_dir(run_dir, step)

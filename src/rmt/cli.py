@@ -13,12 +13,14 @@ from rmt.errors import RmtError
 # Subcommand name -> module with `add_arguments(parser)` and `run(args)`; listed here only once they work.
 COMMANDS = {
     "doctor": ("rmt.doctor", "check the installation: torch, device, embedded model and corpus, cache"),
-    "train": ("rmt.train", "mid-train a model: rmt / rpt / ntp methods and ablations (SPEC §8)"),
     "score": ("rmt.score", "score token difficulty: proxy-model entropy and band of every corpus token"),
+    "warmup": ("rmt.warmup", "cold start: supervised next-token-reasoning examples from the midtrain split"),
+    "train": ("rmt.train", "mid-train a model: rmt / rpt / ntp / rlp methods and ablations (SPEC §8, §13)"),
     "eval": ("rmt.evaluate", "next-token accuracy on held-out data, NTP and NTR modes, per nested split (SPEC §9)"),
     "report": ("rmt.report", "compare evaluated runs: table in the papers' layout and training plots"),
     "posttrain": ("rmt.posttrain", "GRPO on math questions with verifiable answers, accuracy before and after"),
-    "demo": ("rmt.demo", "the whole study on the embedded model: score, evaluate, train ntp/rpt/rmt, report"),
+    "demo": ("rmt.demo", "the whole study on the embedded model: score, warm up, train and evaluate every "
+                         "method, report"),
 }
 
 

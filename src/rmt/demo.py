@@ -2,22 +2,22 @@
 
 Stages, all into one folder DIR:
 
-1. score the corpus with the model as its own proxy (SPEC §2)         -> DIR/scored
-2. evaluate the untrained model, NTP and NTR modes (SPEC §8 `ntr`)     -> DIR/base/eval.json
-3. for each method (ntp, rpt, rmt): mid-train with the same steps and the same rollouts per step
-   (docs_per_step, positions_per_doc, group_size), then evaluate its final checkpoint
-                                                                         -> DIR/<method>/, .../eval.json
-4. with `--posttrain`: post-train the base model and each method's checkpoint identically with GRPO on
-   math questions (SPEC §10), accuracy before and after                  -> DIR/<name>/posttrain/
-5. compare them                                                          -> DIR/report/report.md, *.png
+1. score the corpus with the model as its own proxy (SPEC §2)                    -> DIR/scored
+2. evaluate the untrained model, NTP and NTR modes (SPEC §8 `ntr`)                -> DIR/raw/eval.json
+3. the cold start (`rmt warmup`, SPEC §14) on midtrain positions, then evaluate it -> DIR/warmup/
+4. for each method (ntp, rpt, rmt, ablations, rlp): mid-train from the warmed model with the same steps
+   and the same rollouts per step, then evaluate its final checkpoint            -> DIR/<name>/
+5. with `--posttrain`: post-train the warmed base and each method's checkpoint identically with GRPO
+   on math questions (SPEC §10), accuracy before and after                       -> DIR/<name>/posttrain/
+6. compare them, with intervals and a verdict on each of the paper's claims      -> DIR/report/
 
-The settings are a `DemoConfig` YAML (`rmt/configs/demo.yaml`; `--quick` takes `demo-quick.yaml`):
-the demo's own `score` and `eval` options, a `train` section shared by every method, on top of
-which each method's preset (SPEC §8) applies, and a `posttrain` section of overrides to the packaged
-`posttrain.yaml`, the same for every starting checkpoint. Re-running into the same DIR skips what is finished:
-scoring resumes its shards, a run with its final checkpoint is not retrained, an unfinished run
-resumes from its latest checkpoint, and an evaluation of the same checkpoint with the same settings
-is kept; so is a finished post-training of the same checkpoint with the same settings.
+The settings are a `DemoConfig` YAML (`rmt/configs/demo.yaml`; `--quick` takes `demo-quick.yaml`,
+`--study` the longer `demo-study.yaml`): the demo's own `score` and `eval` options, a `warmup` section
+of overrides to `rmt warmup`'s config, a `train` section shared by every method (each method's preset,
+SPEC §8, applies under it), and a `posttrain` section of overrides to the packaged `posttrain.yaml`, the
+same for every start. Re-running into the same DIR skips what is finished: scoring resumes its shards, a
+run with its final checkpoint is not retrained, an unfinished run resumes from its latest checkpoint, and
+an evaluation of the same checkpoint with the same settings is kept.
 """
 
 from __future__ import annotations
@@ -30,19 +30,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rmt import checkpoint
+from rmt import assets, checkpoint
 from rmt.assets import EMBEDDED_MODEL
-from rmt.config import METHODS, TrainConfig, config_to_dict, load_config
+from rmt.config import METHODS, TrainConfig, config_to_dict, dotlist, load_config
 from rmt.corpus import EMBEDDED_CORPUS
 from rmt.errors import RmtError
-from rmt.evaluate import EVAL_FILE, EvalSettings, evaluate, format_table, load_eval, resolve_checkpoint, save_eval
+from rmt.evaluate import EVAL_FILE, EvalSettings, evaluate, format_table, load_eval, save_eval
+from rmt.io import read_json
 from rmt.posttrain import EVAL_FILE as POSTTRAIN_EVAL_FILE
 from rmt.posttrain import PostTrainConfig, load_posttrain_config, posttrain
-from rmt.report import POSTTRAIN_DIR, load_rows, posttrain_table, render, table
+from rmt.report import POSTTRAIN_DIR, claims_text, load_rows, posttrain_table, render, table
 from rmt.score import ScoreOptions, score_dataset
 from rmt.train import train
+from rmt.warmup import WarmupConfig, warmup
 
 SPLITS = ["midtrain", "eval"]
+RAW_DIR, WARMUP_DIR = "raw", "warmup"
+# Named runs besides the methods: RMT's ablations (SPEC §8), each RMT with one part removed.
+ABLATIONS: dict[str, dict] = {
+    "rmt-no-dtb": {"method": "rmt", "budget": {"enabled": False}},
+    "rmt-no-cas": {"method": "rmt", "curriculum": {"enabled": False}},
+    "rmt-no-ntp": {"method": "rmt", "ntp": {"weight": 0.0}},
+}
 
 
 @dataclass
@@ -50,24 +59,31 @@ class DemoConfig:
     """The demo's settings; `train` holds `TrainConfig` keys shared by every method."""
 
     corpus: str = EMBEDDED_CORPUS
+    """Mid-training corpus (see `rmt score`'s corpus)."""
     methods: list[str] = field(default_factory=lambda: ["ntp", "rpt", "rmt"])
+    """Runs to train and compare: methods (ntp, rpt, rmt, rlp) and ablations (rmt-no-dtb, rmt-no-cas,
+    rmt-no-ntp)."""
+    cold_start: bool = True
+    """Warm the model up (`rmt warmup`) before every method; false: every method starts from the raw model."""
     score: ScoreOptions = field(default_factory=ScoreOptions)
     eval: EvalSettings = field(default_factory=EvalSettings)
-    # Any TrainConfig key except method, data and out, which the demo sets per run.
+    warmup: dict[str, Any] = field(default_factory=dict)
+    """Overrides to `rmt warmup`'s config (any key but model, data and out, which the demo sets)."""
     train: dict[str, Any] = field(default_factory=lambda: {"model": EMBEDDED_MODEL})
-    # `--posttrain`: any PostTrainConfig key except model, out and midtrain_corpus (set per run).
+    """Any TrainConfig key but method, data and out, which the demo sets per run."""
     posttrain: dict[str, Any] = field(default_factory=dict)
+    """`--posttrain`: any PostTrainConfig key but model, out and midtrain_corpus (set per run)."""
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise RmtError(f"demo: methods must be among {', '.join(METHODS)}, got {self.methods}")
-        reserved = {"method", "data", "out"} & set(self.train)
-        if reserved:
-            raise RmtError(f"demo: train.{sorted(reserved)[0]} is set by the demo for each run; remove it")
-        reserved = {"model", "out", "midtrain_corpus"} & set(self.posttrain)
-        if reserved:
-            raise RmtError(f"demo: posttrain.{sorted(reserved)[0]} is set by the demo for each run; remove it")
+        known = [*METHODS, *ABLATIONS]
+        unknown = [m for m in self.methods if m not in known]
+        if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
+            raise RmtError(f"demo: methods must be distinct names among {', '.join(known)}, got {self.methods}")
+        for section, keys in (("warmup", {"model", "data", "out"}), ("train", {"method", "data", "out"}),
+                              ("posttrain", {"model", "out", "midtrain_corpus"})):
+            reserved = keys & set(getattr(self, section))
+            if reserved:
+                raise RmtError(f"demo: {section}.{sorted(reserved)[0]} is set by the demo for each run; remove it")
 
     @property
     def model(self) -> str:
@@ -79,29 +95,31 @@ def packaged_config(name: str):
     return importlib.resources.files("rmt") / "configs" / name
 
 
-def load_demo_config(path: str | None, quick: bool, overrides: list[str]) -> DemoConfig:
+def load_demo_config(path: str | None, preset: str, overrides: list[str]) -> DemoConfig:
+    """`preset` is quick, study or default (the packaged file), unless `path` is given."""
     if path is None:
-        resource = packaged_config("demo-quick.yaml" if quick else "demo.yaml")
-        with importlib.resources.as_file(resource) as file:
+        name = {"quick": "demo-quick.yaml", "study": "demo-study.yaml"}.get(preset, "demo.yaml")
+        with importlib.resources.as_file(packaged_config(name)) as file:
             return load_config(str(file), overrides, schema=DemoConfig)
     return load_config(path, overrides, schema=DemoConfig)
 
 
-def _dotlist(tree: dict, prefix: str = "") -> list[str]:
-    """`{"a": {"b": 1}}` -> `["a.b=1"]`; values JSON-encoded, which the override grammar reads back exactly."""
-    out = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out += _dotlist(value, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}={json.dumps(value)}")
-    return out
+def _quote(value) -> str:
+    return json.dumps(str(value))
 
 
-def train_config(demo: DemoConfig, method: str, data: Path, out: Path) -> TrainConfig:
-    """Defaults -> the method's preset -> the demo's shared `train` section."""
-    paths = [f"data={json.dumps(str(data))}", f"out={json.dumps(str(out))}"]
-    overrides = [f"method={method}", *_dotlist(demo.train), *paths]
+def warmup_config(demo: DemoConfig, data: Path, out: Path) -> WarmupConfig:
+    """Defaults -> the demo's `warmup` section -> the demo's model, scored data and folder."""
+    overrides = [*dotlist(demo.warmup), f"model={_quote(demo.model)}", f"data={_quote(data)}", f"out={_quote(out)}"]
+    return load_config(None, overrides, schema=WarmupConfig)
+
+
+def train_config(demo: DemoConfig, name: str, data: Path, out: Path, start: str | Path) -> TrainConfig:
+    """Defaults -> the method's preset -> the demo's shared `train` section -> the ablation's changes."""
+    variant = ABLATIONS.get(name, {"method": name})
+    overrides = [f"method={variant['method']}", *dotlist(demo.train),
+                 *dotlist({k: v for k, v in variant.items() if k != "method"}),
+                 f"model={_quote(start)}", f"data={_quote(data)}", f"out={_quote(out)}"]
     return load_config(None, overrides)
 
 
@@ -109,9 +127,8 @@ def posttrain_config(demo: DemoConfig, model: str | Path, out: Path) -> PostTrai
     """The packaged post-training config -> the demo's `posttrain` section -> this start's model and folder.
 
     The questions are checked to be absent from the mid-training corpus (SPEC §10)."""
-    paths = [f"model={json.dumps(str(model))}", f"out={json.dumps(str(out))}",
-             f"midtrain_corpus={json.dumps(demo.corpus)}"]
-    return load_posttrain_config(None, [*_dotlist(demo.posttrain), *paths])
+    paths = [f"model={_quote(model)}", f"out={_quote(out)}", f"midtrain_corpus={_quote(demo.corpus)}"]
+    return load_posttrain_config(None, [*dotlist(demo.posttrain), *paths])
 
 
 class Stages:
@@ -139,7 +156,7 @@ def evaluate_into(model, data: Path, path: Path, settings: EvalSettings) -> dict
     wanted = asdict(settings)
     if path.is_file():
         old = load_eval(path)
-        same = (old.get("checkpoint") == resolve_checkpoint(str(model)) and old.get("data") == str(data)
+        same = (old.get("checkpoint") == assets.resolve_model(str(model)) and old.get("data") == str(data)
                 and {k: old["settings"].get(k) for k in wanted} == wanted)
         if same:
             print(f"{path} is up to date")
@@ -150,7 +167,7 @@ def evaluate_into(model, data: Path, path: Path, settings: EvalSettings) -> dict
     return result
 
 
-def check_existing_run(config: TrainConfig | PostTrainConfig) -> None:
+def check_existing_run(config) -> None:
     """A run already in the demo folder must have been started with the same settings."""
     saved = Path(config.out) / "config.yaml"
     if saved.is_file():
@@ -163,8 +180,9 @@ def check_existing_run(config: TrainConfig | PostTrainConfig) -> None:
                            "choose another --out, or delete that run")
 
 
-def train_or_resume(config: TrainConfig) -> None:
-    """Train a run; a finished run is kept, an unfinished one resumes from its latest checkpoint."""
+def run_or_resume(recipe, config) -> None:
+    """Run a recipe (train or warmup); a finished run is kept, an unfinished one resumes from its latest
+    checkpoint."""
     run_dir = Path(config.out)
     latest = checkpoint.latest_checkpoint(run_dir)
     done = checkpoint.checkpoint_step(latest)
@@ -173,20 +191,20 @@ def train_or_resume(config: TrainConfig) -> None:
         return
     if latest:
         print(f"resuming {run_dir} from step {done}")
-        train(config, resume=True)
+        recipe(config, resume=True)
         return
     # Killed before its first checkpoint: only the log is left, and nothing to resume from.
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    train(config)
+    recipe(config)
 
 
 def posttrain_or_resume(config: PostTrainConfig) -> None:
     """Post-train one start; a finished post-training of the same checkpoint is kept, an unfinished one
     resumes from its latest checkpoint."""
     run_dir = Path(config.out)
-    start = checkpoint.resolve_model_path(config.model)
+    start = assets.resolve_model(config.model)
     report_path = run_dir / POSTTRAIN_EVAL_FILE
-    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    report = read_json(report_path, "post-training evaluation") if report_path.is_file() else None
     if report and report["model_path"] != start:
         raise RmtError(f"{run_dir} was post-trained from {report['model_path']}, but {config.model} is now {start}; "
                        "delete that folder to post-train the new checkpoint")
@@ -207,37 +225,52 @@ def posttrain_or_resume(config: PostTrainConfig) -> None:
 def run_demo(demo: DemoConfig, out: str | Path, with_posttrain: bool = False) -> Path:
     """Run every stage into `out`; returns the report's markdown file."""
     out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise RmtError(f"{out} is a file; --out must be a folder")
     scored = out / "scored"
-    configs = {m: train_config(demo, m, scored, out / m) for m in demo.methods}  # fail fast on a bad key
-    starts = {"base": demo.model, **{m: out / m for m in demo.methods}}
+    # Every config is built (and checked) before any work starts.
+    warm = warmup_config(demo, scored, out / WARMUP_DIR) if demo.cold_start else None
+    start = out / WARMUP_DIR if demo.cold_start else demo.model
+    configs = {m: train_config(demo, m, scored, out / m, start) for m in demo.methods}
+    starts = {WARMUP_DIR if demo.cold_start else "base": start, **{m: out / m for m in demo.methods}}
     post = {name: posttrain_config(demo, model, out / name / POSTTRAIN_DIR) for name, model in starts.items()
             if with_posttrain}
-    for config in [*configs.values(), *post.values()]:
+    for config in [*([warm] if warm else []), *configs.values(), *post.values()]:
         check_existing_run(config)
     steps = {c.steps for c in configs.values()}
-    stages = Stages(total=3 + 2 * len(demo.methods) + len(post))
+    stages = Stages(total=3 + 2 * bool(warm) + 2 * len(configs) + len(post))
     print(f"rmt demo: model {demo.model}, corpus {demo.corpus}, methods {', '.join(demo.methods)}, "
-          f"{steps.pop() if len(steps) == 1 else steps} steps each -> {out}")
+          f"{steps.pop() if len(steps) == 1 else sorted(steps)} steps each -> {out}")
 
     docs = f"first {demo.score.max_docs} documents" if demo.score.max_docs else "all documents"
     stages.begin(f"score {demo.corpus} with {demo.model} ({docs} of each split)")
     report = score_dataset(demo.model, demo.corpus, scored, SPLITS, demo.score)
-    counts = ", ".join(f"{split}: {s['scored_positions']} positions, bands {s['bands']}"
-                       for split, s in report.stats["splits"].items())
-    print(counts)
+    print(", ".join(f"{split}: {s['scored_positions']} positions, bands {s['bands']}"
+                    for split, s in report.stats["splits"].items()))
     stages.end()
 
-    stages.begin("evaluate the base model (NTP and NTR modes)")
-    evaluate_into(demo.model, scored, out / "base" / EVAL_FILE, demo.eval)
+    stages.begin("evaluate the raw model (NTP and NTR modes)")
+    evaluate_into(demo.model, scored, out / RAW_DIR / EVAL_FILE, demo.eval)
     stages.end()
 
-    for method, config in configs.items():
-        stages.begin(f"train {method}: {config.steps} steps, {config.docs_per_step} docs x "
-                     f"{config.rollout.positions_per_doc} positions x {config.rollout.group_size} rollouts per step")
-        train_or_resume(config)
+    if warm:
+        stages.begin(f"cold start: {warm.steps} steps x {warm.docs_per_step} docs x {warm.positions_per_doc} "
+                     f"midtrain positions ('{warm.thought}' thought)")
+        run_or_resume(warmup, warm)
         stages.end()
-        stages.begin(f"evaluate {method}")
-        evaluate_into(out / method, scored, out / method / EVAL_FILE, demo.eval)
+        stages.begin("evaluate the warmed base")
+        evaluate_into(out / WARMUP_DIR, scored, out / WARMUP_DIR / EVAL_FILE, demo.eval)
+        stages.end()
+
+    for name, config in configs.items():
+        rl = (f"{config.docs_per_step} docs x {config.rollout.positions_per_doc} positions x "
+              f"{config.rollout.group_size} rollouts per step" if config.rl.enabled else
+              f"{config.docs_per_step} docs per step, NTP only")
+        stages.begin(f"train {name}: {config.steps} steps, {rl}")
+        run_or_resume(train, config)
+        stages.end()
+        stages.begin(f"evaluate {name}")
+        evaluate_into(out / name, scored, out / name / EVAL_FILE, demo.eval)
         stages.end()
 
     for name, config in post.items():
@@ -247,12 +280,13 @@ def run_demo(demo: DemoConfig, out: str | Path, with_posttrain: bool = False) ->
         stages.end()
 
     stages.begin("report")
-    folders = [out / "base", *(out / m for m in demo.methods)]
+    folders = [out / RAW_DIR, *([out / WARMUP_DIR] if warm else []), *(out / m for m in configs)]
     rows = load_rows(folders)
     path = render(rows, out / "report")
     print(table(rows))
     if post:
         print(f"\n{posttrain_table(rows)}")
+    print(f"\n{claims_text(rows)}")
     stages.end()
     print(f"\nrmt demo finished in {stages.elapsed()}: report {path}")
     return path
@@ -260,22 +294,25 @@ def run_demo(demo: DemoConfig, out: str | Path, with_posttrain: bool = False) ->
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo folder (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="toy sizes (a few minutes): the packaged demo-quick.yaml")
-    parser.add_argument("--config", help="a demo config file instead of the packaged one")
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help="toy sizes (a few minutes): the packaged demo-quick.yaml")
+    preset.add_argument("--study", action="store_true",
+                        help="the longer study (about 2 hours on 2 CPU cores): ablations, RLP and post-training "
+                             "(the packaged demo-study.yaml)")
+    preset.add_argument("--config", help="a demo config file instead of the packaged one")
     parser.add_argument("--model", help=f"model instead of the embedded {EMBEDDED_MODEL} (sets train.model)")
     parser.add_argument("--corpus", help=f"corpus instead of the embedded {EMBEDDED_CORPUS}")
     parser.add_argument("--posttrain", action="store_true",
-                        help="also post-train the base model and every method's checkpoint with GRPO on math "
-                             "(SPEC §10) and add the before/after table to the report")
+                        help="also post-train the warmed base and every method's checkpoint with GRPO on math "
+                             "(SPEC §10) and add the before/after table to the report (--study implies it)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="demo config overrides, e.g. train.steps=10 eval.positions=64 score.max_docs=32")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.quick and args.config:
-        raise RmtError("give --quick or --config, not both")
-    shorthand = [f"train.model={json.dumps(args.model)}"] if args.model else []
-    shorthand += [f"corpus={json.dumps(args.corpus)}"] if args.corpus else []
-    demo = load_demo_config(args.config, args.quick, shorthand + args.overrides)
-    run_demo(demo, args.out, with_posttrain=args.posttrain)
+    shorthand = [f"train.model={_quote(args.model)}"] if args.model else []
+    shorthand += [f"corpus={_quote(args.corpus)}"] if args.corpus else []
+    preset = "quick" if args.quick else "study" if args.study else "default"
+    demo = load_demo_config(args.config, preset, shorthand + args.overrides)
+    run_demo(demo, args.out, with_posttrain=args.posttrain or args.study)
     return 0

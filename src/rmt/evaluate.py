@@ -1,4 +1,4 @@
-"""`rmt eval`: next-token accuracy of a model on held-out scored documents (SPEC §9).
+"""`rmt eval`: next-token accuracy of a model on held-out scored documents (SPEC §9), with intervals.
 
 Positions: every scored position of the `eval` split whose proxy entropy exceeds the floor (H > t0)
 forms the *pool*. Accuracy is reported on RPT's nested splits (easy H > t0, medium H > t1,
@@ -9,11 +9,13 @@ hard H > t2, from the dataset's thresholds) and as their unweighted mean ("Avg."
 - **NTR mode**: the model reasons, then writes `\\boxed{prediction}` (SPEC §1), on a fixed sample of
   `positions` positions drawn uniformly without replacement from the pool with
   `numpy.random.default_rng(seed)`. The sample depends only on the data and the seed, so every model
-  evaluated on the same data with the same seed answers the same positions. Decoding is greedy with a
-  reasoning cap of 2·B (or a fixed cap without a budget) and answer forcing (SPEC §3); the headline
-  accuracy is RMT's `exact` match, RPT's `prefix` match is reported beside it.
+  evaluated on the same data with the same seed answers the same positions (and can be compared paired,
+  `rmt.stats.paired_difference`). Decoding is greedy with a reasoning cap of 2·B (or a fixed cap without a
+  budget) and answer forcing (SPEC §3); each window's prompt prefix is encoded once for all its positions.
+  The headline accuracy is RMT's `exact` match; RPT's `prefix` match is reported beside it.
 
-Every evaluated position is stored in the JSON output (`records`), so any number can be recounted.
+Every accuracy comes with a 95% percentile-bootstrap interval over positions (`rmt.stats`). Every
+evaluated position is stored in the JSON output (`records`), so any number can be recounted.
 
 Under `torchrun` / `accelerate launch` the batches are dealt round-robin to the processes and the records
 gathered: the output is the one-process output, written once.
@@ -22,9 +24,8 @@ gathered: the output is the one-process output, written once.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +35,16 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from rmt import assets
-from rmt.checkpoint import resolve_model_path
+from rmt.config import Flag, PROMPT_STYLES, add_config_arguments, check, comma_list, config_from_args
 from rmt.difficulty import BAND_NAMES, nested_split_masks
 from rmt.errors import RmtError
 from rmt.forward import document_logits
+from rmt.io import read_json, write_json_atomic
 from rmt.prompts import PromptBuilder
-from rmt.rewards import extract_prediction, match_reward
-from rmt.rollout import RolloutEngine, RolloutSettings
-from rmt.scored import ScoredWindow, load_scored, write_json_atomic
+from rmt.rewards import ExactMatch, NextToken, PrefixMatch, extract_prediction
+from rmt.rollout import RolloutEngine, RolloutSettings, document_prompts
+from rmt.scored import ScoredWindow, load_scored
+from rmt.stats import mean_interval, split_intervals
 
 MODES = ("ntp", "ntr")
 EVAL_FILE = "eval.json"  # a run folder's evaluation, read by `rmt report`
@@ -52,38 +55,70 @@ class EvalSettings:
     """How `rmt eval` evaluates; saved in the output so that results are only compared like with like."""
 
     budget: int | None = 16
-    """Token budget B named in the NTR prompt; the reasoning cap is 2·B. None: no budget in the prompt."""
-    max_reasoning: int = 64
-    """Reasoning cap when `budget` is None."""
+    """Token budget B named in the NTR prompt; the reasoning cap is 2·B. null: no budget in the prompt."""
+    max_reasoning_tokens: int = 64
+    """Reasoning cap when `budget` is null."""
     positions: int = 128
     """NTR sample size (all of the pool if it is smaller)."""
     seed: int = 0
     """Seed of the NTR position sample."""
     force_answer: bool = True
-    """Close `</think>` and open `\\boxed{` for the model when it has not (SPEC §3)."""
+    """Close </think> and open \\boxed{ for the model when it has not (SPEC §3)."""
     answer_tokens: int = 16
     """Tokens allowed for the boxed answer after the reasoning."""
     batch_size: int = 32
     """Sequences per generation batch (NTR); windows per forward are a quarter of it (NTP)."""
     prompt_style: str = "auto"
-    """auto | chat | plain (see `rmt.prompts.PromptBuilder`)."""
+    """auto | chat | plain | raw (see `rmt.prompts.PromptBuilder`)."""
 
     def __post_init__(self):
-        checks = [
-            (self.budget is None or self.budget >= 1, f"--budget must be >= 1 or none, got {self.budget}"),
-            (self.max_reasoning >= 1, f"--max-reasoning must be >= 1, got {self.max_reasoning}"),
-            (self.positions >= 1, f"--positions must be >= 1, got {self.positions}"),
-            (self.answer_tokens >= 1, f"--answer-tokens must be >= 1, got {self.answer_tokens}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.prompt_style in ("auto", "chat", "plain"), "--prompt-style must be auto, chat or plain"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise RmtError(message)
+        check([
+            (self.budget is None or self.budget >= 1, f"budget must be >= 1 or null, got {self.budget}"),
+            (self.max_reasoning_tokens >= 1, f"max_reasoning_tokens must be >= 1, got {self.max_reasoning_tokens}"),
+            (self.positions >= 1, f"positions must be >= 1, got {self.positions}"),
+            (self.answer_tokens >= 1, f"answer_tokens must be >= 1, got {self.answer_tokens}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.prompt_style in PROMPT_STYLES, f"prompt_style must be one of {', '.join(PROMPT_STYLES)}"),
+        ], prefix="eval")
 
     @property
     def reasoning_cap(self) -> int:
-        return 2 * self.budget if self.budget is not None else self.max_reasoning
+        return 2 * self.budget if self.budget is not None else self.max_reasoning_tokens
+
+
+@dataclass(frozen=True)
+class EvalConfig(EvalSettings):
+    """`rmt eval`: a model, a scored dataset, the modes, and how to evaluate (`EvalSettings`)."""
+
+    model: str = "smollm2-135m-instruct"
+    """Checkpoint folder, run folder (its latest checkpoint), hub name or smollm2-135m-instruct."""
+    data: str = "runs/scored"
+    """An `rmt score` output folder; its eval split is used."""
+    modes: list[str] = field(default_factory=lambda: ["ntp", "ntr"])
+    """ntp (greedy next token), ntr (reasoning, then the boxed token), or both."""
+    out: str = ""
+    """JSON output file; empty: RUN/eval.json when `model` is a run folder."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check([(bool(self.modes) and not set(self.modes) - set(MODES),
+                f"modes must be among {', '.join(MODES)}, got {list(self.modes)}")], prefix="eval")
+
+    def settings(self) -> EvalSettings:
+        return EvalSettings(**{f.name: getattr(self, f.name) for f in fields(EvalSettings)})
+
+
+def _budget(text: str):
+    return None if text.lower() in ("none", "null") else int(text)
+
+
+FLAGS = (
+    Flag("--model", "model"), Flag("--data", "data"), Flag("--out", "out"), Flag("--mode", "modes", comma_list),
+    Flag("--budget", "budget", _budget), Flag("--max-reasoning", "max_reasoning_tokens", int),
+    Flag("--positions", "positions", int), Flag("--seed", "seed", int),
+    Flag("--no-force-answer", "force_answer", const=False), Flag("--answer-tokens", "answer_tokens", int),
+    Flag("--batch-size", "batch_size", int), Flag("--prompt-style", "prompt_style"),
+)
 
 
 @dataclass(frozen=True)
@@ -114,17 +149,20 @@ def sample_positions(pool: list[Position], n: int, seed: int) -> list[Position]:
 
 
 def split_accuracy(entropy: np.ndarray, correct: np.ndarray, thresholds) -> dict:
-    """Accuracy per nested split and their mean ("avg", over splits that hold any position)."""
+    """Accuracy per nested split and their mean ("avg", over splits that hold any position), each with its
+    95% bootstrap interval ("ci")."""
     splits = {}
+    intervals = split_intervals(entropy, correct, thresholds)
     for name, mask in nested_split_masks(entropy, tuple(thresholds)).items():
         n = int(mask.sum())
         hits = int(correct[mask].sum())
-        splits[name] = {"n": n, "correct": hits, "accuracy": hits / n if n else None}
+        splits[name] = {"n": n, "correct": hits, "accuracy": hits / n if n else None,
+                        "ci": intervals["splits"][name]}
     present = [s["accuracy"] for s in splits.values() if s["accuracy"] is not None]
-    return {"splits": splits, "avg": float(np.mean(present)) if present else None}
+    return {"splits": splits, "avg": float(np.mean(present)) if present else None, "avg_ci": intervals["avg"]}
 
 
-def _my_batches(order: list[int], batch_size: int, shard: tuple[int, int]) -> list[list[int]]:
+def _my_batches(order: list, batch_size: int, shard: tuple[int, int]) -> list[list]:
     """This process's batches: `order` cut into batches of `batch_size`, dealt round-robin to the processes.
 
     Whole batches are dealt, so every batch holds the same items as in a one-process run, and its results
@@ -166,36 +204,50 @@ def evaluate_ntr(model, tokenizer, windows: list[ScoredWindow], sample: list[Pos
                  progress: bool = True, shard: tuple[int, int] = (0, 1)) -> dict[int, dict]:
     """Reasoning, then the boxed prediction, greedily, at each sampled position.
 
+    Positions of one window share its prompt prefix, encoded once (`RolloutEngine.generate_shared`).
     Returns {sample index: record} for the positions of this process's batches (`shard` = (rank, world))."""
     builder = PromptBuilder(tokenizer, settings.prompt_style, prefill_think=True)
     engine = RolloutEngine(model, tokenizer, RolloutSettings(
-        max_reasoning_tokens=settings.reasoning_cap,
-        answer_tokens=settings.answer_tokens,
+        max_reasoning_tokens=settings.reasoning_cap, answer_tokens=settings.answer_tokens,
         temperature=0.0,  # greedy: the result does not depend on a sampling seed
-        force_answer=settings.force_answer,
-        batch_size=settings.batch_size,
+        force_answer=settings.force_answer, batch_size=settings.batch_size,
     ))
-    prompts = [builder.prompt_ids(windows[p.window].input_ids, p.t, settings.budget) for p in sample]
-    order = sorted(range(len(sample)), key=lambda k: len(prompts[k]))  # batches of similar prompt length
-    batches = _my_batches(order, settings.batch_size, shard)
+    exact, prefix = ExactMatch(tokenizer), PrefixMatch(tokenizer)
+    pre, post = builder.parts(settings.budget)
+    by_window: dict[int, list[int]] = {}
+    for k, p in enumerate(sample):
+        by_window.setdefault(p.window, []).append(k)
+    # Units of whole windows holding about a batch of positions each, dealt to the processes.
+    units, current = [], []
+    for i in sorted(by_window, key=lambda i: max(sample[k].t for k in by_window[i])):
+        current.append(i)
+        if sum(len(by_window[j]) for j in current) >= settings.batch_size:
+            units.append(current)
+            current = []
+    units += [current] if current else []
+    mine = units[shard[0] :: shard[1]]
     records: dict[int, dict] = {}
-    bar = tqdm(total=sum(map(len, batches)), desc="eval ntr", unit="pos", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(len(by_window[i]) for u in mine for i in u), desc="eval ntr", unit="pos",
+               disable=not progress, dynamic_ncols=True)
     model.eval()
-    for chunk in batches:
-        for k, r in zip(chunk, engine.generate([prompts[k] for k in chunk])):
+    for unit in mine:
+        keys = [k for i in unit for k in by_window[i]]
+        prompts = [document_prompts(pre, windows[i].input_ids, [sample[k].t for k in by_window[i]], post) for i in unit]
+        for k, r in zip(keys, engine.generate_shared(prompts, 1)):
             p, w = sample[k], windows[sample[k].window]
             prediction = extract_prediction(r.text)
+            task = NextToken(w.input_ids, p.t)
             records[k] = {
                 **_where(w, p),
                 "target": tokenizer.decode([int(w.input_ids[p.t])]),
                 "prediction": prediction,
-                "exact": match_reward("exact", prediction, w.input_ids, p.t, tokenizer) == 1.0,
-                "prefix": match_reward("prefix", prediction, w.input_ids, p.t, tokenizer) == 1.0,
+                "exact": exact.match(prediction, task) == 1.0,
+                "prefix": prefix.match(prediction, task) == 1.0,
                 "reasoning_len": r.reasoning_len,
                 "closed_think": r.closed_think,
                 "response": r.text,
             }
-        bar.update(len(chunk))
+        bar.update(len(keys))
     bar.close()
     return records
 
@@ -210,21 +262,6 @@ def _gather_records(records: dict[int, dict], n: int) -> list[dict]:
 
 def _where(w: ScoredWindow, p: Position) -> dict:
     return {"doc_id": w.doc_id, "window": w.window, "position": p.t, "entropy": p.entropy}
-
-
-def resolve_checkpoint(model: str) -> str:
-    """A run folder's latest checkpoint, a model folder, the embedded default, or a hub name."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        resolved = resolve_model_path(str(path))
-        if not (Path(resolved) / "config.json").is_file():
-            raise RmtError(f"{model}: neither a model folder (no config.json) nor a run folder (no checkpoints/)")
-        return resolved
-    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
-    if model != assets.EMBEDDED_MODEL and looks_local:
-        raise RmtError(f"model '{model}' does not exist; give a checkpoint folder, a run folder, "
-                       f"'{assets.EMBEDDED_MODEL}' or a hub name")
-    return model
 
 
 def evaluate(model: str, data: str | Path, modes=MODES, budget: int | None = 16, positions: int = 128,
@@ -249,7 +286,7 @@ def evaluate(model: str, data: str | Path, modes=MODES, budget: int | None = 16,
     state = PartialState(cpu=not torch.cuda.is_available())
     shard = (state.process_index, state.num_processes)
     progress = progress and state.is_main_process
-    checkpoint = resolve_checkpoint(str(model))
+    checkpoint = assets.resolve_model(str(model))
     tokenizer = assets.load_tokenizer(checkpoint)
     net = assets.load_model(checkpoint).eval().to(state.device)
 
@@ -284,10 +321,18 @@ def evaluate(model: str, data: str | Path, modes=MODES, budget: int | None = 16,
         prefix = split_accuracy(entropy, np.array([r["prefix"] for r in records]), thresholds)
         for name, mask in nested_split_masks(entropy, tuple(thresholds)).items():
             exact["splits"][name]["reasoning_len_mean"] = float(lengths[mask].mean()) if mask.any() else None
+        # The same positions in greedy NTP mode, for the ratio NTR / NTP on identical positions.
+        ntp_here = None
+        if "ntp" in modes:
+            by_where = {(r["doc_id"], r["window"], r["position"]): r["correct"] for r in result["records"]["ntp"]}
+            ntp_here = split_accuracy(
+                entropy, np.array([by_where[(r["doc_id"], r["window"], r["position"])] for r in records]), thresholds)
         result["results"]["ntr"] = {
             **exact,  # the headline: RMT's exact match
             "prefix": prefix,
+            "ntp_same_positions": ntp_here,
             "reasoning_len_mean": float(lengths.mean()),
+            "reasoning_len_ci": mean_interval(lengths),
             "well_formed_frac": float(np.mean([r["closed_think"] for r in records])),
             "answered_frac": float(np.mean([r["prediction"] is not None for r in records])),
             "positions": len(records),
@@ -301,8 +346,17 @@ def _pct(value) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
 
+def pct_ci(value, ci) -> str:
+    """`29.0 [25.1, 33.0]`: an accuracy in % with its 95% interval."""
+    if value is None:
+        return "—"
+    if not ci or ci[0] is None:
+        return _pct(value)
+    return f"{100 * value:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
 def format_table(result: dict) -> str:
-    """The accuracies as a readable table (percent, with n per split)."""
+    """The accuracies as a readable table (percent with 95% intervals, n per split)."""
     rows = []
     for mode, metric, block in (
         ("ntp", "greedy", result["results"].get("ntp")),
@@ -310,13 +364,13 @@ def format_table(result: dict) -> str:
         ("ntr", "prefix", (result["results"].get("ntr") or {}).get("prefix")),
     ):
         if block:
-            cells = [f"{_pct(s['accuracy'])} (n={s['n']})" for s in block["splits"].values()]
-            rows.append([mode, metric, *cells, _pct(block["avg"])])
+            cells = [f"{pct_ci(s['accuracy'], s.get('ci'))} (n={s['n']})" for s in block["splits"].values()]
+            rows.append([mode, metric, *cells, pct_ci(block["avg"], block.get("avg_ci"))])
     header = ["mode", "match", *(f"{n} H>{t:g}" for n, t in zip(BAND_NAMES, result["settings"]["thresholds"])), "avg"]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in [header, *rows]]
-    lines.append("accuracy in %")
+    lines.append("accuracy in % [95% bootstrap interval over positions]")
     ntr = result["results"].get("ntr")
     if ntr:
         s = result["settings"]
@@ -330,10 +384,7 @@ def format_table(result: dict) -> str:
 
 
 def load_eval(path: str | Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RmtError(f"{path}: cannot read an rmt eval result ({exc})") from exc
+    return read_json(Path(path), "rmt eval result")
 
 
 def save_eval(result: dict, path: str | Path) -> None:
@@ -342,44 +393,30 @@ def save_eval(result: dict, path: str | Path) -> None:
     write_json_atomic(path, result)
 
 
-def _budget(text: str) -> int | None:
-    if text.lower() == "none":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'none', got '{text}'") from None
+def output_path(config: EvalConfig) -> Path:
+    """Where `rmt eval` writes: `out`, or RUN/eval.json for a run folder; checked before any work."""
+    if config.out:
+        out = Path(config.out)
+    elif (Path(config.model) / "checkpoints").is_dir():
+        out = Path(config.model) / EVAL_FILE
+    else:
+        raise RmtError("out is required unless model is a run folder (then it defaults to RUN/eval.json)")
+    if out.is_dir():
+        raise RmtError(f"{out} is a folder; out must be a JSON file path")
+    if not out.parent.is_dir() and out.parent.exists():
+        raise RmtError(f"{out.parent} is a file; cannot write {out} inside it")
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = EvalSettings()
-    add = parser.add_argument
-    add("--model", required=True, help="checkpoint folder, run folder (its latest checkpoint), or model name")
-    add("--data", required=True, help="an `rmt score` output folder; its eval split is used")
-    add("--mode", default="ntp,ntr", help="comma-separated: ntp (greedy token), ntr (reasoning); default both")
-    add("--budget", type=_budget, default=d.budget, help="budget B in the NTR prompt, cap 2·B; 'none': no budget")
-    add("--max-reasoning", type=int, default=d.max_reasoning, help="reasoning cap with --budget none")
-    add("--positions", type=int, default=d.positions, help="NTR positions sampled from the pool (default: %(default)s)")
-    add("--seed", type=int, default=d.seed, help="seed of the NTR position sample (default: %(default)s)")
-    add("--no-force-answer", dest="force_answer", action="store_false", help="do not close the answer for the model")
-    add("--answer-tokens", type=int, default=d.answer_tokens, help="tokens allowed for the boxed answer")
-    add("--batch-size", type=int, default=d.batch_size, help="sequences per generation batch (default: %(default)s)")
-    add("--prompt-style", choices=("auto", "chat", "plain"), default=d.prompt_style, help="NTR prompt style")
-    add("--out", help="JSON output file (default: RUN/eval.json when --model is a run folder)")
+    add_config_arguments(parser, EvalConfig, FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:
-    out = args.out
-    if out is None:
-        if not (Path(args.model) / "checkpoints").is_dir():
-            raise RmtError("--out is required unless --model is a run folder (then it defaults to RUN/eval.json)")
-        out = Path(args.model) / EVAL_FILE
-    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
-    result = evaluate(
-        args.model, args.data, modes, args.budget, args.positions, args.seed,
-        max_reasoning=args.max_reasoning, force_answer=args.force_answer, answer_tokens=args.answer_tokens,
-        batch_size=args.batch_size, prompt_style=args.prompt_style,
-    )
+    config = config_from_args(args, EvalConfig, FLAGS)
+    out = output_path(config)
+    result = evaluate(config.model, config.data, config.modes, progress=True, **{
+        k: v for k, v in asdict(config.settings()).items()})
     if PartialState().is_main_process:
         save_eval(result, out)
         print(format_table(result))

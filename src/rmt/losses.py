@@ -22,6 +22,22 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Te
     return advantages, int(flat.sum())
 
 
+def rlp_advantages(rewards: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, int]:
+    """RLP's group advantages (SPEC §13): ``A_i = G/(G−1)·(r_i − mean(r))``, no std normalisation.
+
+    The factor makes ``A_i`` the difference between ``r_i`` and the mean of the *other* G−1 rewards (a
+    leave-one-out baseline). ``rewards`` is [n_groups, G]; ``eps`` is unused (the GRPO signature).
+    Returns the advantages and the number of groups whose rewards are all equal (advantages 0).
+    """
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be [n_groups, G] with G >= 2, got shape {tuple(rewards.shape)}")
+    G = rewards.shape[1]
+    advantages = G / (G - 1) * (rewards - rewards.mean(dim=1, keepdim=True))
+    flat = (rewards == rewards[:, :1]).all(dim=1)
+    advantages = torch.where(flat.unsqueeze(1), torch.zeros_like(advantages), advantages)
+    return advantages, int(flat.sum())
+
+
 def grpo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -89,6 +105,8 @@ def ntp_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Ten
     return total / mask[:, 1:].sum().clamp(min=1)
 
 
-def dual_objective(loss_rl: torch.Tensor, loss_ntp: torch.Tensor, ntp_weight: float) -> torch.Tensor:
-    """RMT's dual objective (SPEC §7): ``L = L_RL + λ·L_NTP`` (paper λ = 0.1)."""
+def dual_objective(loss_rl, loss_ntp, ntp_weight: float):
+    """RMT's dual objective (SPEC §7): ``L = L_RL + λ·L_NTP`` (paper λ = 0.1); tensors or numbers.
+
+    The one place the two terms are combined: `grpo.policy_update` back-propagates it and logs it."""
     return loss_rl + ntp_weight * loss_ntp

@@ -21,12 +21,11 @@ several packs, each with its own copy of the trunk (SDPA's cost grows with the s
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from rmt.losses import grpo_loss, ntp_loss, token_logprobs
+from rmt.losses import token_logprobs
 
 WINDOW, TRUNK = -1, 0  # segment ids; responses are 1, 2, ...
 
@@ -175,45 +174,3 @@ def packed_forward(model, pack: Pack) -> PackedOutput:
     if not n:
         return PackedOutput(logprobs, mask, None, None)
     return PackedOutput(logprobs, mask, logits[None, :n], ids[None, :n])
-
-
-def packed_losses(
-    model, packs: list[Pack], advantages: torch.Tensor, ntp_masks: list, rl_tokens: float, ntp_tokens: float,
-    ntp_weight: float, clip_eps: float = 0.2, backward=None, reference=None, kl_coef: float = 0.0,
-    autocast=contextlib.nullcontext,
-) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Backpropagate `L_RL + λ·L_NTP` (SPEC §6, §7) pack by pack, one backward per pack.
-
-    The packed counterpart of the loss loop of `train.accumulate_gradients`, with the same scaling:
-    each pack's GRPO loss is weighted by its share of the step's `rl_tokens` sampled tokens, its NTP
-    loss (targets `ntp_masks[pack.doc]`, a boolean array per document) by its share of `ntp_tokens`,
-    so the step's gradient equals the naive one. `advantages[k]` belongs to the packed item k.
-    `backward(loss)` defaults to `loss.backward()` (pass the engine's, e.g. with gradient sync on the
-    last pack only). Returns the detached RL and NTP losses and the last GRPO stats.
-    """
-    backward = backward or (lambda loss: loss.backward())
-    device = next(model.parameters()).device
-    loss_rl = loss_ntp = torch.zeros((), device=device)
-    stats: dict = {}
-    for pack in packs:
-        with autocast():
-            out = packed_forward(model, pack)
-        total = torch.zeros((), device=device)
-        if rl_tokens and pack.items:
-            ref = None
-            if reference is not None:
-                with torch.no_grad(), autocast():
-                    ref = packed_forward(reference, pack).logprobs
-            adv = advantages[pack.items].to(device)
-            # One policy update per batch of rollouts: the old policy is the current one (ratio = 1).
-            loss, stats = grpo_loss(out.logprobs, out.logprobs.detach(), adv, out.mask, clip_eps, ref, kl_coef)
-            part = loss * (out.mask.sum() / rl_tokens)
-            total = total + part
-            loss_rl = loss_rl + part.detach()
-        if ntp_tokens and out.ntp_logits is not None:
-            target = torch.as_tensor(ntp_masks[pack.doc], dtype=torch.float32, device=device)[None]
-            part = ntp_loss(out.ntp_logits, out.ntp_ids, target) * (target.sum() / ntp_tokens)
-            total = total + ntp_weight * part
-            loss_ntp = loss_ntp + part.detach()
-        backward(total)
-    return loss_rl, loss_ntp, stats

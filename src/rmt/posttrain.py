@@ -1,10 +1,10 @@
 """`rmt posttrain`: GRPO on math questions with verifiable answers (SPEC §10), accuracy before and after.
 
 Evaluate the starting model on held-out questions (greedy) → loop(step: questions → G rollouts each →
-math_verify reward → group advantages (SPEC §6) → clipped surrogate → optimizer step → log → maybe
-checkpoint) → evaluate again → `posttrain_eval.json`. The rollouts, advantages and loss are mid-training's
-own (`RolloutEngine`, `group_advantages`, `train.accumulate_gradients` with no NTP documents), so every
-starting checkpoint -- base, ntp, rpt, rmt -- is post-trained by exactly the same code.
+math-verify reward → group advantages (SPEC §6) → clipped surrogate → optimizer step → log → maybe
+checkpoint) → evaluate again → `posttrain_eval.json`. The rollouts, reward object, advantages and policy
+update are the library's (`RolloutEngine`, `rewards.MathAnswer`, `grpo.policy_update`), the same as
+mid-training's, so every starting checkpoint -- base, ntp, rpt, rmt, rlp -- is post-trained by the same code.
 
 Without `--config`, the packaged `configs/posttrain.yaml` (a CPU-sized demo run) is used; the dataclass
 defaults below are a GPU-scale run.
@@ -13,7 +13,6 @@ defaults below are a GPU-scale run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -22,19 +21,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import get_constant_schedule_with_warmup
 
-from rmt import assets, checkpoint
-from rmt.config import NTPConfig, OptimConfig, RLConfig, RolloutConfig, load_config, save_config
+from rmt import assets
+from rmt.config import (Flag, OptimConfig, RLConfig, RolloutConfig, RunConfig, add_config_arguments, check,
+                        config_from_args, load_config)
 from rmt.corpus import load_corpus, split_corpus
 from rmt.errors import RmtError
-from rmt.losses import group_advantages
-from rmt.mathdata import MATH_INSTRUCTION, MathQuestion, QuestionPrompt, check_disjoint, load_math_data, math_reward
-from rmt.rewards import extract_prediction
+from rmt.grpo import ADVANTAGES, PerRolloutBackend, UpdateSettings, make_trajectories, policy_update
+from rmt.io import read_json, write_json_atomic
+from rmt.mathdata import MATH_INSTRUCTION, MathQuestion, QuestionPrompt, check_disjoint, load_math_data
+from rmt.rewards import MathAnswer, RewardContext, extract_prediction, import_reward
 from rmt.rollout import RolloutEngine, RolloutSettings
-from rmt.train import DataOrder, accumulate_gradients, gather_metrics, global_sum, prepare_run_dir, truncate_metrics
+from rmt.runs import DataOrder, TrainingRun, rollout_seed
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "posttrain.yaml"
 EVAL_FILE = "posttrain_eval.json"
@@ -42,52 +41,59 @@ SAMPLES_FILE = "eval_samples.jsonl"
 
 
 @dataclass
-class PostTrainConfig:
-    model: str = "smollm2-135m-instruct"  # model name, folder, or run folder (its latest checkpoint)
+class PostTrainConfig(RunConfig):
+    """`rmt posttrain`: GRPO with a verifiable math reward from any checkpoint (SPEC §10)."""
+
     out: str = "runs/posttrain"
-    source: str = "gsm8k"  # gsm8k | reasoning-gym:TASK | FILE.jsonl (question, answer)
-    eval_source: str = ""  # a .jsonl of evaluation questions, with a .jsonl source; else a hash split
-    eval_fraction: float = 0.3  # share of a source's questions held out for evaluation
-    generated_train: int = 2000  # reasoning-gym: training problems generated
-    generated_eval: int = 500  # reasoning-gym: evaluation problems generated
-    task_options: dict[str, Any] = field(default_factory=dict)  # reasoning-gym: the task's settings
-    n_eval: int = 0  # evaluation questions used (the first n held out); 0 = all
-    midtrain_corpus: str = ""  # if set, refuse questions that appear in this corpus' midtrain part
+    """Run folder: config.yaml, metrics.jsonl, checkpoints/, posttrain_eval.json, eval_samples.jsonl."""
     steps: int = 200
+    """GRPO steps."""
+    source: str = "gsm8k"
+    """gsm8k (the posttrain part of the embedded GSM8K) | reasoning-gym:TASK | FILE.jsonl (question, answer)."""
+    eval_source: str = ""
+    """A .jsonl of evaluation questions, with a .jsonl source; else a hash split of the source."""
+    eval_fraction: float = 0.3
+    """Share of a source's questions held out for evaluation."""
+    generated_train: int = 2000
+    """reasoning-gym: training problems generated."""
+    generated_eval: int = 500
+    """reasoning-gym: evaluation problems generated (those also in training are dropped)."""
+    task_options: dict[str, Any] = field(default_factory=dict)
+    """reasoning-gym: the task's settings (e.g. max_digits)."""
+    n_eval: int = 0
+    """Evaluation questions used (the first n held out); 0 = all."""
+    midtrain_corpus: str = ""
+    """If set, refuse questions that appear in this corpus' midtrain part (SPEC §10)."""
     questions_per_step: int = 32
-    max_reasoning_tokens: int = 512  # fixed reasoning cap, in training and evaluation
-    instruction: str = MATH_INSTRUCTION  # asks for a number: change it for sources with other answers
-    seed: int = 0
-    save_every: int = 50
-    keep_last: int = 2
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
-    gradient_checkpointing: bool = False
+    """Questions per step (divisible by the number of processes); each gets rollout.group_size answers."""
+    max_reasoning_tokens: int = 512
+    """Reasoning cap, in training and evaluation."""
+    reward: str = "math"
+    """math (the boxed answer equals the gold one, by math-verify) or package.module:Class, your own reward
+    class (see `rmt.rewards`; tasks are `MathQuestion`s), built with no arguments."""
+    instruction: str = MATH_INSTRUCTION
+    """The instruction before each question; it asks for a number: change it for sources with other answers."""
     eval_before: bool = True
+    """Evaluate the starting model before training."""
     eval_after: bool = True
+    """Evaluate the trained model after the last step."""
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(answer_tokens=24))
     rl: RLConfig = field(default_factory=RLConfig)
-    # Post-training has no documents: the NTP term is off (accumulate_gradients reads the weight).
-    ntp: NTPConfig = field(default_factory=lambda: NTPConfig(weight=0.0))
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self):
-        checks = [
-            (self.steps > 0 and self.questions_per_step > 0, "steps and questions_per_step must be positive"),
-            (self.max_reasoning_tokens > 0, "max_reasoning_tokens must be positive"),
-            (0 < self.eval_fraction < 1, "eval_fraction must be in (0, 1)"),
+        super().__post_init__()
+        check([
+            (self.questions_per_step >= 1, "questions_per_step must be >= 1"),
+            (self.max_reasoning_tokens >= 1, "max_reasoning_tokens must be >= 1"),
+            (0 < self.eval_fraction < 1, f"eval_fraction must be in (0, 1), got {self.eval_fraction}"),
             (self.n_eval >= 0, "n_eval must be 0 (all) or positive"),
-            (self.rollout.group_size >= 2, "rollout.group_size must be at least 2 (GRPO compares within a group)"),
-            (self.rollout.zero_std in ("keep", "skip"), "rollout.zero_std must be keep or skip"),
-            (self.rollout.prompt_style in ("auto", "chat", "plain"),
-             "rollout.prompt_style must be auto, chat or plain"),
-            (self.dtype in ("auto", "float32", "bfloat16"), "dtype must be auto, float32 or bfloat16"),
+            (self.generated_train >= 1 and self.generated_eval >= 1, "generated_train and generated_eval must be >= 1"),
             (self.rl.enabled, "rl.enabled must be true: post-training is RL"),
-            (self.ntp.weight == 0, "ntp.weight must be 0: post-training has no documents for an NTP loss"),
-            (self.save_every > 0 and self.keep_last > 0, "save_every and keep_last must be positive"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise RmtError(f"config: {message}")
+            (self.reward == "math" or ":" in self.reward, f"reward must be math or package.module:Class, got '{self.reward}'"),
+            (self.rl.advantage == "grpo", "rl.advantage must be grpo for post-training"),
+            (self.rollout.answer, "rollout.answer must be true: the reward reads the boxed answer"),
+        ])
 
 
 def load_posttrain_config(path: str | None = None, overrides: list[str] | None = None) -> PostTrainConfig:
@@ -95,20 +101,16 @@ def load_posttrain_config(path: str | None = None, overrides: list[str] | None =
     return load_config(str(path or DEFAULT_CONFIG), overrides, schema=PostTrainConfig)
 
 
+FLAGS = (Flag("--model", "model"), Flag("--out", "out"), Flag("--source", "source"), Flag("--steps", "steps", int))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help=f"YAML config file (default: the packaged {DEFAULT_CONFIG.name})")
-    parser.add_argument("--model", help="model name, folder, or an `rmt train` run folder (latest checkpoint)")
-    parser.add_argument("--out", help="run folder")
-    parser.add_argument("--source", help="gsm8k | reasoning-gym:TASK | FILE.jsonl with question and answer")
-    parser.add_argument("--steps", type=int, help="GRPO steps")
+    add_config_arguments(parser, PostTrainConfig, FLAGS, default_file=str(DEFAULT_CONFIG))
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. rollout.group_size=8")
 
 
 def run(args: argparse.Namespace) -> int:
-    shorthand = [f"{k}={getattr(args, k)}" for k in ("model", "out", "source", "steps") if getattr(args, k)]
-    config = load_posttrain_config(args.config, shorthand + args.overrides)
-    posttrain(config, resume=args.resume)
+    posttrain(config_from_args(args, PostTrainConfig, FLAGS, default_file=str(DEFAULT_CONFIG)), resume=args.resume)
     return 0
 
 
@@ -133,11 +135,12 @@ def evaluate_math(model, tokenizer, questions: list[MathQuestion], settings: Rol
     model.eval()
     rollouts = RolloutEngine(model, tokenizer, settings).generate([prompt.ids(q.question) for q in questions])
     model.train(was_training)
+    scores = MathAnswer()(rollouts, questions, RewardContext(0, 1))
     samples = [{
         "id": q.id, "answer": q.answer, "prediction": extract_prediction(r.text),
-        "correct": math_reward(r.text, q.answer), "response_len": sum(r.sampled_mask),
+        "correct": s["reward"], "response_len": sum(r.sampled_mask),
         "reasoning_len": r.reasoning_len, "closed_think": r.closed_think, "response": r.text,
-    } for q, r in zip(questions, rollouts)]
+    } for q, r, s in zip(questions, rollouts, scores)]
     n = len(samples)
     mean = lambda key: float(np.mean([s[key] for s in samples])) if n else 0.0  # noqa: E731
     return {"accuracy": mean("correct"), "response_len_mean": mean("response_len"),
@@ -145,113 +148,91 @@ def evaluate_math(model, tokenizer, questions: list[MathQuestion], settings: Rol
             "samples": samples}
 
 
-def _evaluate(accelerator, model, tokenizer, questions, settings, prompt, run_dir, phase) -> dict:
+def _evaluate(run: TrainingRun, model, questions, settings, prompt, phase) -> dict:
     """evaluate_math over all processes (each takes every world-th question); samples go to a file."""
-    world, rank = accelerator.num_processes, accelerator.process_index
     t0 = time.perf_counter()
-    result = evaluate_math(model, tokenizer, questions[rank::world], settings, prompt)
+    result = evaluate_math(model, run.tokenizer, questions[run.rank :: run.world], settings, prompt)
     samples, n_local = result.pop("samples"), result["n"]
-    n = int(global_sum(accelerator, n_local))
-    out = {k: global_sum(accelerator, v * n_local) / max(n, 1) for k, v in result.items() if k != "n"}
+    n = int(run.global_sum(n_local))
+    out = {k: run.global_sum(v * n_local) / max(n, 1) for k, v in result.items() if k != "n"}
     out.update(n=n, seconds=round(time.perf_counter() - t0, 2))
-    if accelerator.is_main_process:
-        with open(run_dir / SAMPLES_FILE, "a") as f:
+    if run.main:
+        with open(run.run_dir / SAMPLES_FILE, "a", encoding="utf-8") as f:
             f.writelines(json.dumps({"phase": phase, **s}) + "\n" for s in samples)
     return out
 
 
-def posttrain(config: PostTrainConfig, resume: bool = False) -> Path:
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # lets torchrun / accelerate launch use gloo on CPU machines
-        mixed_precision="bf16" if config.dtype != "float32" and torch.cuda.is_available() else "no",
-    )
-    main = accelerator.is_main_process
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if config.questions_per_step % world:
-        raise RmtError(f"questions_per_step={config.questions_per_step} must be divisible by the {world} processes")
-    run_dir = prepare_run_dir(config, resume) if main else Path(config.out)
-    accelerator.wait_for_everyone()
-    if main:
-        save_config(config, run_dir / "config.yaml")
-        if not resume:  # left over from a run killed before its first checkpoint
-            (run_dir / SAMPLES_FILE).unlink(missing_ok=True)
-
-    # ---- build ----------------------------------------------------------------------------------
-    torch.manual_seed(config.seed)
+def posttrain(config: PostTrainConfig, resume: bool = False, reward=None) -> Path:
+    """Run (or resume) one post-training; `reward` replaces the math reward object."""
+    # ---- build ----------------------------------------------------------------------------------------
     data = load_math_data(config.source, config.eval_source, config.eval_fraction, config.generated_train,
                           config.generated_eval, config.seed, config.task_options)
     if config.midtrain_corpus:
         midtrain = split_corpus(load_corpus(config.midtrain_corpus), "midtrain")
         check_disjoint(data.train, data.eval, [d.text for d in midtrain])
     eval_questions = data.eval[: config.n_eval or None]
-    model_path = checkpoint.resolve_model_path(config.model)
-    tokenizer = assets.load_tokenizer(model_path)
-    model = assets.load_model(model_path)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    reference = None
-    if config.rl.kl_coef > 0:
-        reference = assets.load_model(model_path).to(accelerator.device).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas),
-                                  weight_decay=config.optim.weight_decay)
-    scheduler = get_constant_schedule_with_warmup(optimizer, config.optim.warmup_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    policy = accelerator.unwrap_model(model)
+    run = TrainingRun(config, config.optim, resume)
+    if config.questions_per_step % run.world:
+        raise RmtError(f"questions_per_step={config.questions_per_step} must be divisible by the {run.world} processes")
+    tokenizer = run.tokenizer
     prompt = QuestionPrompt(tokenizer, config.rollout.prompt_style, config.rollout.prefill_think, config.instruction)
     eval_settings = evaluation_settings(config)
-    engine = RolloutEngine(policy, tokenizer, dataclasses.replace(
-        eval_settings, temperature=config.rollout.temperature, top_p=config.rollout.top_p))
+    engine = RolloutEngine(run.policy, tokenizer, RolloutSettings(
+        max_reasoning_tokens=config.max_reasoning_tokens, answer_tokens=config.rollout.answer_tokens,
+        temperature=config.rollout.temperature, top_p=config.rollout.top_p,
+        force_answer=config.rollout.force_answer, batch_size=config.rollout.batch_size))
+    reward = reward or (import_reward(config.reward) if ":" in config.reward else MathAnswer())
+    update = UpdateSettings(clip_eps=config.rl.clip_eps, kl_coef=config.rl.kl_coef,
+                            micro_batch=config.optim.micro_batch)
+    backend = PerRolloutBackend(tokenizer.pad_token_id, config.optim.micro_batch)
+    reference = run.load_reference() if config.rl.kl_coef > 0 else None
     order = DataOrder(np.random.default_rng(config.seed + 1), len(data.train))
-    accelerator.register_for_checkpointing(order)
-    report = {"model": config.model, "model_path": model_path, "source": config.source,
+    report = {"model": config.model, "model_path": run.model_path, "source": config.source,
               "n_train": len(data.train), "n_eval": len(eval_questions), "steps": config.steps,
               "max_reasoning_tokens": config.max_reasoning_tokens, "answer_tokens": config.rollout.answer_tokens,
               "before": None, "after": None}
-    start_step = 0
-    if resume:
-        start_step = checkpoint.load_checkpoint(accelerator, checkpoint.latest_checkpoint(run_dir), model)
-        if (run_dir / EVAL_FILE).exists():
-            report["before"] = json.loads((run_dir / EVAL_FILE).read_text())["before"]
-        if main:
-            truncate_metrics(run_dir, start_step)
+    report_path = run.run_dir / EVAL_FILE
+    if resume and report_path.exists():
+        report["before"] = read_json(report_path, "post-training evaluation")["before"]
+    start = run.start([order])
+    if run.main and not resume:  # left over from a run killed before its first checkpoint
+        (run.run_dir / SAMPLES_FILE).unlink(missing_ok=True)
 
-    # ---- evaluation before ----------------------------------------------------------------------
+    # ---- evaluation before ----------------------------------------------------------------------------
     if config.eval_before and report["before"] is None:
-        start_model = policy if start_step == 0 else assets.load_model(model_path).to(accelerator.device)
-        report["before"] = _evaluate(accelerator, start_model, tokenizer, eval_questions, eval_settings, prompt,
-                                     run_dir, "before")
-        if main:
-            (run_dir / EVAL_FILE).write_text(json.dumps(report, indent=2))
+        start_model = run.policy if start == 0 else assets.load_model(run.model_path).to(run.device)
+        report["before"] = _evaluate(run, start_model, eval_questions, eval_settings, prompt, "before")
+        if run.main:
+            write_json_atomic(report_path, report)
 
     T, G, Q = config.steps, config.rollout.group_size, config.questions_per_step
-    progress = tqdm(range(start_step, T), initial=start_step, total=T, desc="posttrain",
-                    disable=not main, dynamic_ncols=True)
+    progress = tqdm(range(start, T), initial=start, total=T, desc="posttrain", disable=not run.main,
+                    dynamic_ncols=True)
     for step in progress:
         t0 = time.perf_counter()
-        # ---- questions and rollouts: G per question ---------------------------------------------
-        # Every rank draws the whole step's questions (same generator), then keeps its own share.
-        step_questions = [data.train[i] for i in order.take(Q)]
-        first = rank * (Q // world)
-        questions = step_questions[first : first + Q // world]
+        # ---- questions and rollouts: every process draws the step's questions, keeps its share -------
+        first, questions = run.share([data.train[i] for i in order.take(Q)])
         prompts = [ids for q in questions for ids in [prompt.ids(q.question)] * G]
-        # A seed per rollout from (run seed, step, question in the step, member of the group).
-        seeds = [int(np.random.SeedSequence([config.seed, step, first + i, g]).generate_state(1)[0])
-                 for i in range(len(questions)) for g in range(G)]
-        policy.eval()
-        with accelerator.autocast():
-            rollouts = engine.generate(prompts, seeds=seeds)
-        policy.train()
+        seeds = [rollout_seed(config.seed, step, first + i, g) for i in range(len(questions)) for g in range(G)]
+        run.policy.eval()
+        with run.accelerator.autocast():
+            rollouts = engine.generate(prompts, seeds)
+        run.policy.train()
         t_rollout = time.perf_counter() - t0
 
-        # ---- verifiable reward and group advantages (SPEC §6) -------------------------------------
-        rewards = [math_reward(r.text, questions[k // G].answer) for k, r in enumerate(rollouts)]
-        rewards_t = torch.tensor(rewards, dtype=torch.float32).view(-1, G)
-        advantages, zero_std = group_advantages(rewards_t, config.rl.adv_eps)
-        m = gather_metrics(accelerator, {
-            "reward_mean": float(np.mean(rewards)),
+        # ---- verifiable reward and group advantages (SPEC §6) -----------------------------------------
+        tasks = [q for q in questions for _ in range(G)]
+        scores = reward(rollouts, tasks, RewardContext(step, T))
+        rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32).view(-1, G)
+        advantages, zero_std = ADVANTAGES[config.rl.advantage](rewards, config.rl.adv_eps)
+        trajectories = make_trajectories(rollouts, scores, advantages, loss_tokens=config.rl.loss_tokens)
+        if config.rollout.zero_std == "skip":
+            trajectories = [tr for k, tr in enumerate(trajectories) if (advantages[k // G] != 0).any()]
+        m = run.gather_metrics({
+            "reward_mean": float(rewards.mean()),
             # The reward is the verifier's 0/1, so accuracy equals it; solved: groups with a correct answer.
-            "accuracy": float(np.mean(rewards)),
-            "solved_frac": float((rewards_t.max(dim=1).values > 0).float().mean()),
+            "accuracy": float(rewards.mean()),
+            "solved_frac": float((rewards.max(dim=1).values > 0).float().mean()),
             "zero_std_groups": zero_std,
             "response_len_mean": float(np.mean([sum(r.sampled_mask) for r in rollouts])),
             "reasoning_len_mean": float(np.mean([r.reasoning_len for r in rollouts])),
@@ -259,44 +240,33 @@ def posttrain(config: PostTrainConfig, resume: bool = False) -> Path:
             "tokens_generated": sum(sum(r.sampled_mask) for r in rollouts),
         })
 
-        # ---- loss, step --------------------------------------------------------------------------
+        # ---- update, step ---------------------------------------------------------------------------
         t1 = time.perf_counter()
-        losses = accumulate_gradients(config, model, reference, accelerator, tokenizer, [], [], rollouts, advantages)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        losses = policy_update(run.model, trajectories, settings=update, backend=backend, reference=reference,
+                               backward=run.backward, global_sum=run.global_sum, autocast=run.accelerator.autocast)
+        grad_norm = run.optimizer_step()
         t_train = time.perf_counter() - t1
 
-        # ---- log ----------------------------------------------------------------------------------
+        # ---- log, checkpoint --------------------------------------------------------------------------
         record = {
             "step": step + 1, **m, "loss": losses["loss"], "loss_rl": losses["loss_rl"],
             **({"clip_frac": losses["clip_frac"]} if "clip_frac" in losses else {}),
-            "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+            "lr": run.lr, "grad_norm": grad_norm,
             "rollout_seconds": t_rollout, "train_seconds": t_train, "step_seconds": time.perf_counter() - t0,
         }
-        if main:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            progress.set_postfix(r=f"{m['reward_mean']:.2f}", len=f"{m['response_len_mean']:.0f}",
-                                 loss=f"{losses['loss']:.3f}")
-
-        # ---- checkpoint ---------------------------------------------------------------------------
-        if (step + 1) % config.save_every == 0 or step + 1 == T:
-            checkpoint.save_checkpoint(accelerator, run_dir, step + 1, model, tokenizer,
-                                       {"stage": "posttrain", "source": config.source, "total_steps": T},
-                                       config.keep_last)
+        run.log(record)
+        progress.set_postfix(r=f"{m['reward_mean']:.2f}", len=f"{m['response_len_mean']:.0f}",
+                             loss=f"{losses['loss']:.3f}")
+        run.maybe_checkpoint(step + 1, {"stage": "posttrain", "source": config.source})
     progress.close()
 
-    # ---- evaluation after -----------------------------------------------------------------------
+    # ---- evaluation after -----------------------------------------------------------------------------
     if config.eval_after:
-        report["after"] = _evaluate(accelerator, policy, tokenizer, eval_questions, eval_settings, prompt,
-                                    run_dir, "after")
-    if main:
-        (run_dir / EVAL_FILE).write_text(json.dumps(report, indent=2))
+        report["after"] = _evaluate(run, run.policy, eval_questions, eval_settings, prompt, "after")
+    if run.main:
+        write_json_atomic(report_path, report)
         print(format_eval_table(report))
-        print(f"run saved to {run_dir} (checkpoint: {checkpoint.latest_checkpoint(run_dir)})")
-    return run_dir
+    return run.finish()
 
 
 def format_eval_table(report: dict) -> str:

@@ -22,20 +22,21 @@ CONTEXT_HEADER = "\n### Context\n"
 THINK_OPEN = "<think>\n"
 THINK_CLOSE = "</think>"
 _SENTINEL = "\x00CONTEXT\x00"
-_PLAIN_PRE = "{instruction}{header}"
 _PLAIN_POST = "\n### Answer\n"
+STYLES = ("auto", "chat", "plain", "raw")
 
 
 class PromptBuilder:
     """Builds prompt token ids for a window and a position, for one tokenizer and prompt style.
 
-    `style` is `chat` (the tokenizer's chat template; an error if it has none), `plain` (no template,
-    for base models), or `auto` (chat when the tokenizer has a template).
+    `style` is `chat` (the tokenizer's chat template; an error if it has none), `plain` (the instruction
+    without a template, for base models), `auto` (chat when the tokenizer has a template), or `raw` (no
+    instruction at all: the bare context, then `<think>` -- RLP's prompt, SPEC §13).
     """
 
     def __init__(self, tokenizer, style: str = "auto", prefill_think: bool = True):
-        if style not in ("auto", "chat", "plain"):
-            raise RmtError(f"prompt style must be auto, chat or plain, got '{style}'")
+        if style not in STYLES:
+            raise RmtError(f"prompt style must be one of {', '.join(STYLES)}, got '{style}'")
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if style == "chat" and not has_template:
             raise RmtError(
@@ -44,6 +45,7 @@ class PromptBuilder:
             )
         self.tokenizer = tokenizer
         self.chat = style == "chat" or (style == "auto" and has_template)
+        self.raw = style == "raw"
         self.prefill_think = prefill_think
         self._parts = lru_cache(maxsize=64)(self._build_parts)
 
@@ -56,6 +58,8 @@ class PromptBuilder:
 
     def _build_parts(self, budget: int | None) -> tuple[list[int], list[int]]:
         user = self.instruction(budget) + CONTEXT_HEADER
+        if self.raw:
+            return [], self._encode(THINK_OPEN)
         if self.chat:
             rendered = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": user + _SENTINEL}], add_generation_prompt=True, tokenize=False

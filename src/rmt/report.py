@@ -1,14 +1,20 @@
-"""`rmt report`: compare evaluated runs in the papers' layout, with plots of how each run trained.
+"""`rmt report`: compare evaluated runs in the papers' layout, with intervals, verdicts on the paper's
+claims, and plots of how each run trained.
 
 Each RUN_DIR is a training run folder (`config.yaml`, `metrics.jsonl`, `checkpoints/`) with its evaluation
-in `RUN_DIR/eval.json` (`rmt eval --model RUN_DIR` writes it there), or a folder holding only an
-`eval.json` -- the untrained base model (SPEC §8 `ntr`). The report folder gets `report.md` and:
+in `RUN_DIR/eval.json` (`rmt eval --model RUN_DIR` writes it there), a cold-start folder (`rmt warmup`),
+or a folder holding only an `eval.json` -- the untrained base model (SPEC §8 `ntr`). The report folder gets
+`report.md` and:
 
-- `accuracy.png` -- NTR accuracy per nested split and method (grouped bars);
+- `accuracy.png` -- NTR accuracy per nested split and method, with 95% intervals;
 - `reasoning_length.png` -- mean reasoning length over training against the budget B_t and the cap;
 - `band_mix.png` -- the curriculum's band distribution p_t and the bands actually sampled;
 - `rewards.png` -- total, match and length reward over training;
 - `posttrain.png` -- when rows were post-trained: math accuracy before and after, and the GRPO reward.
+
+Every accuracy carries its 95% bootstrap interval over positions (`rmt.stats`); runs evaluated on the same
+positions are compared paired, and each of the paper's claims gets a verdict: supported, contradicted, or
+cannot tell (the interval of the difference holds 0).
 
 A row's post-training (SPEC §10) is found in `RUN_DIR/posttrain/` (`rmt posttrain --model RUN_DIR
 --out RUN_DIR/posttrain`; `rmt demo --posttrain` puts it there); the report then gets a before / after
@@ -18,48 +24,61 @@ table of held-out math accuracy for every post-trained row.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 from matplotlib.ticker import MaxNLocator
 
 from rmt.config import load_config
 from rmt.corpus import read_jsonl_records
 from rmt.difficulty import BAND_NAMES
 from rmt.errors import RmtError
-from rmt.evaluate import EVAL_FILE, load_eval
+from rmt.evaluate import EVAL_FILE, load_eval, pct_ci
+from rmt.io import read_json
 from rmt.posttrain import EVAL_FILE as POSTTRAIN_EVAL_FILE
+from rmt.posttrain import SAMPLES_FILE as POSTTRAIN_SAMPLES_FILE
+from rmt.stats import paired_difference, paired_mean_difference, verdict
 
 FIGURES = ("accuracy.png", "reasoning_length.png", "band_mix.png", "rewards.png")
 POSTTRAIN_FIGURE = "posttrain.png"
 POSTTRAIN_DIR = "posttrain"  # a row's post-training run, inside its folder
-METHOD_NOTES = {  # SPEC §8
+METHOD_NOTES = {  # SPEC §8, §13, §14
     "base": "the untrained model, zero-shot next-token reasoning",
+    "warmed base": "the cold start (`rmt warmup`): supervised next-token-reasoning examples on midtrain "
+                   "positions; every method starts from it",
     "ntp": "continued pre-training: next-token loss on all tokens, no RL",
     "rpt": "RPT: RL above the entropy floor, uniform positions, prefix reward, fixed reasoning cap, no NTP loss",
     "rmt": "RMT: dynamic token budget + curriculum sampling + GRPO + NTP loss, exact reward",
+    "rlp": "RLP: dense reward = log-likelihood gain of the next token from the thought over an EMA baseline, "
+           "raw-text prompt, no NTP loss",
 }
 BAND_COLORS = {"easy": "#8fd18f", "medium": "#f2c14e", "hard": "#e0605e"}
 
 
 @dataclass
 class Row:
-    """One method in the report: a training run and/or an evaluation."""
+    """One method in the report: a training run (or cold start) and/or an evaluation."""
 
     folder: Path
     label: str
+    kind: str = "base"  # base (evaluation only) | warmup | train
     config: object | None = None  # TrainConfig of a training run
     metrics: list[dict] = field(default_factory=list)
     evaluation: dict | None = None
     posttrain: dict | None = None  # RUN_DIR/posttrain/posttrain_eval.json
     posttrain_metrics: list[dict] = field(default_factory=list)
+    posttrain_samples: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
     def is_run(self) -> bool:
-        return self.config is not None
+        return self.kind == "train"
+
+    @property
+    def method(self) -> str:
+        return self.config.method if self.is_run else ("warmed base" if self.kind == "warmup" else "base")
 
 
 def method_label(config) -> str:
@@ -73,12 +92,25 @@ def method_label(config) -> str:
     ):
         if on != preset_on and config.rl.enabled:
             tags.append(f"+{name}" if on else f"w/o {name}")
-    if config.rl.enabled and config.reward.match != preset.reward.match:
-        tags.append(f"{config.reward.match} reward")
+    if config.rl.enabled and config.reward.name != preset.reward.name:
+        tags.append(f"{config.reward.name} reward")
     return " ".join([config.method, *tags])
 
 
+def _config_kind(path: Path) -> str:
+    """train or warmup, from the keys of a run folder's config.yaml."""
+    try:
+        keys = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise RmtError(f"{path}: cannot read the run's config ({exc})") from exc
+    if not isinstance(keys, dict):
+        raise RmtError(f"{path}: not a run config (expected a mapping)")
+    return "warmup" if "thought" in keys else "train"
+
+
 def load_row(folder: str | Path) -> Row:
+    from rmt.warmup import WarmupConfig
+
     folder = Path(folder)
     if not folder.is_dir():
         raise RmtError(f"{folder}: no such folder; give run folders (or a folder holding an {EVAL_FILE})")
@@ -87,34 +119,29 @@ def load_row(folder: str | Path) -> Row:
     if not has_config and not has_eval and not has_post:
         raise RmtError(f"{folder}: neither a training run (no config.yaml) nor an evaluation (no {EVAL_FILE}) "
                        f"nor a post-training ({POSTTRAIN_DIR}/{POSTTRAIN_EVAL_FILE})")
-    row = Row(folder, label="")
+    row = Row(folder, label="base")
     if has_config:
-        row.config = load_config(str(folder / "config.yaml"))
-        row.label = method_label(row.config)
+        row.kind = _config_kind(folder / "config.yaml")
+        schema = WarmupConfig if row.kind == "warmup" else None
+        row.config = load_config(str(folder / "config.yaml"), schema=schema) if schema else \
+            load_config(str(folder / "config.yaml"))
+        row.label = "warmed base" if row.kind == "warmup" else method_label(row.config)
         row.metrics = _read_jsonl(folder / "metrics.jsonl")
         if not row.metrics:
             row.notes.append("no training steps logged")
         elif row.metrics[-1]["step"] < row.config.steps:
             row.notes.append(f"unfinished: {row.metrics[-1]['step']} of {row.config.steps} steps")
-    else:
-        row.label = "base"
     if has_eval:
         row.evaluation = load_eval(folder / EVAL_FILE)
     if has_post:
         post = folder / POSTTRAIN_DIR
-        row.posttrain = _read_json(post / POSTTRAIN_EVAL_FILE)
+        row.posttrain = read_json(post / POSTTRAIN_EVAL_FILE, "post-training evaluation")
         row.posttrain_metrics = _read_jsonl(post / "metrics.jsonl")
+        row.posttrain_samples = _read_jsonl(post / POSTTRAIN_SAMPLES_FILE)
         if row.posttrain["after"] is None:
             row.notes.append(f"post-training unfinished ({len(row.posttrain_metrics)} of {row.posttrain['steps']} "
                              "steps): no accuracy after")
     return row
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RmtError(f"{path}: cannot read it ({exc})") from exc
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -136,33 +163,185 @@ def _acc(block: dict | None, split: str | None = None):
     return block["avg"] if split is None else block["splits"][split]["accuracy"]
 
 
+def _ci(block: dict | None, split: str | None = None):
+    if not block:
+        return None
+    return block.get("avg_ci") if split is None else block["splits"][split].get("ci")
+
+
 def _pct(value) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
 
 def comparability_notes(rows: list[Row]) -> list[str]:
     """Warnings when the evaluations did not ask the same questions."""
+    import json
+
     evals = [r.evaluation for r in rows if r.evaluation]
     return [f"evaluations differ in `{key}`: their numbers are not directly comparable"
             for key in ("data", "settings") if len({json.dumps(e[key], sort_keys=True) for e in evals}) > 1]
 
 
+def _ratio(ntr: dict | None) -> str:
+    """NTR accuracy over greedy NTP accuracy on the same positions, per split (min over splits shown)."""
+    if not ntr or not ntr.get("ntp_same_positions"):
+        return "—"
+    ntp = ntr["ntp_same_positions"]
+    ratios = [ntr["splits"][s]["accuracy"] / ntp["splits"][s]["accuracy"] for s in BAND_NAMES
+              if ntr["splits"][s]["accuracy"] is not None and ntp["splits"][s]["accuracy"]]
+    return "/".join(f"{100 * r:.0f}" for r in ratios) if ratios else "—"
+
+
 def table(rows: list[Row]) -> str:
-    header = ["Method", "Easy", "Medium", "Hard", "Avg.", "NTP Avg.", "Reasoning length", "Steps"]
+    header = ["Method", "Easy", "Medium", "Hard", "Avg. [95% CI]", "NTP Avg.", "NTR/NTP % (e/m/h)",
+              "Reasoning length", "`</think>` closed", "Steps"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for r in rows:
         results = r.evaluation["results"] if r.evaluation else {}
         ntr, ntp = results.get("ntr"), results.get("ntp")
         length = f"{ntr['reasoning_len_mean']:.1f}" if ntr else "—"
-        steps = str(r.metrics[-1]["step"]) if r.metrics else ("0" if not r.is_run else "—")
-        cells = [r.label, *(_pct(_acc(ntr, s)) for s in BAND_NAMES), _pct(_acc(ntr)), _pct(_acc(ntp)), length, steps]
+        closed = f"{100 * ntr['well_formed_frac']:.0f}%" if ntr else "—"
+        steps = str(r.metrics[-1]["step"]) if r.metrics else ("0" if r.kind == "base" else "—")
+        cells = [r.label, *(_pct(_acc(ntr, s)) for s in BAND_NAMES), pct_ci(_acc(ntr), _ci(ntr)),
+                 _pct(_acc(ntp)), _ratio(ntr), length, closed, steps]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---- paired comparisons and the paper's claims -------------------------------------------------------
+
+
+def _ntr_outcomes(row: Row) -> dict | None:
+    """{(doc, window, position): record} of a row's NTR evaluation."""
+    if not row.evaluation or "ntr" not in row.evaluation["records"]:
+        return None
+    return {(r["doc_id"], r["window"], r["position"]): r for r in row.evaluation["records"]["ntr"]}
+
+
+def compare(a: Row, b: Row) -> dict | None:
+    """A minus B on the NTR positions both answered: accuracy per split and on average (paired bootstrap),
+    and reasoning length. None when they share no position or used other evaluation settings."""
+    ra, rb = _ntr_outcomes(a), _ntr_outcomes(b)
+    if ra is None or rb is None or a.evaluation["settings"] != b.evaluation["settings"] \
+            or a.evaluation["data"] != b.evaluation["data"]:
+        return None
+    keys = [k for k in ra if k in rb]
+    if not keys:
+        return None
+    thresholds = a.evaluation["settings"]["thresholds"]
+    entropy = [ra[k]["entropy"] for k in keys]
+    accuracy = paired_difference(entropy, [ra[k]["exact"] for k in keys], [rb[k]["exact"] for k in keys], thresholds)
+    length = paired_mean_difference([ra[k]["reasoning_len"] for k in keys], [rb[k]["reasoning_len"] for k in keys])
+    return {"n": len(keys), "accuracy": accuracy, "length": length}
+
+
+def _diff_cell(d: dict, scale: float = 100.0, unit: str = "") -> str:
+    if d["diff"] is None:
+        return "—"
+    lo, hi = d["ci"]
+    return f"{scale * d['diff']:+.1f}{unit} [{scale * lo:+.1f}, {scale * hi:+.1f}]"
+
+
+def differences_table(rows: list[Row]) -> str:
+    """Each run against the row it started from (the warmed base, else the base) and against RMT."""
+    start = next((r for r in rows if r.kind == "warmup"), None) or next((r for r in rows if r.kind == "base"), None)
+    rmt = next((r for r in rows if r.is_run and r.label == "rmt"), None)
+    pairs = []
+    for r in rows:
+        if r.is_run and start is not None:
+            pairs.append((r, start))
+    for r in rows:
+        if rmt is not None and r is not rmt and r is not start:
+            pairs.append((rmt, r))
+    header = ["A − B", "Easy", "Medium", "Hard", "Avg.", "Verdict (Avg.)", "Reasoning length", "n"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * 6 + ["---:"]) + "|"]
+    for a, b in pairs:
+        c = compare(a, b)
+        if c is None:
+            continue
+        acc = c["accuracy"]
+        lines.append("| " + " | ".join([f"{a.label} − {b.label}", *(_diff_cell(acc[s]) for s in BAND_NAMES),
+                                        _diff_cell(acc["avg"]), verdict(acc["avg"]["ci"]),
+                                        _diff_cell(c["length"], 1.0), str(c["n"])]) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _find(rows: list[Row], label: str) -> Row | None:
+    return next((r for r in rows if r.label == label), None)
+
+
+def claims(rows: list[Row]) -> list[tuple[str, str, str]]:
+    """(claim, verdict, evidence) for each of the paper's claims this run can speak to."""
+    out = []
+    rmt, rpt = _find(rows, "rmt"), _find(rows, "rpt")
+    c = compare(rmt, rpt) if rmt and rpt else None
+    if c:
+        d = c["accuracy"]["avg"]
+        v = {"higher": "supports", "lower": "contradicts"}.get(verdict(d["ci"]), "cannot tell")
+        out.append(("RMT's NTR accuracy is above RPT's", v, f"Avg. difference {_diff_cell(d)} points, "
+                    f"paired over {c['n']} positions"))
+        length = c["length"]
+        ratio = _mean_length(rmt) / _mean_length(rpt) if _mean_length(rpt) else float("nan")
+        v = {"lower": "supports", "higher": "contradicts"}.get(verdict(length["ci"]), "cannot tell")
+        out.append(("RMT reasons much shorter than RPT (paper: 21% of RPT's length)", v,
+                    f"length difference {_diff_cell(length, 1.0)} tokens; RMT's mean is "
+                    f"{100 * ratio:.0f}% of RPT's"))
+    else:
+        out.append(("RMT's NTR accuracy is above RPT's", "not run", "needs evaluated rmt and rpt rows"))
+    ablations = {tag: _find(rows, f"rmt w/o {tag}") for tag in ("NTP", "DTB", "CAS")}
+    if rmt and all(ablations.values()):
+        drops = {tag: compare(rmt, row) for tag, row in ablations.items()}
+        between = [compare(ablations["DTB"], ablations["NTP"]), compare(ablations["CAS"], ablations["DTB"])]
+        if all(drops.values()) and all(between):
+            verdicts = [verdict(b["accuracy"]["avg"]["ci"]) for b in between]
+            v = "supports" if verdicts == ["higher", "higher"] else \
+                "contradicts" if "lower" in verdicts else "cannot tell"
+            evidence = "; ".join(f"removing {tag} costs {_diff_cell(d['accuracy']['avg'])}"
+                                 for tag, d in drops.items())
+            out.append(("Ablation order: removing NTP hurts most, then DTB, then CAS", v, evidence))
+    else:
+        out.append(("Ablation order: removing NTP hurts most, then DTB, then CAS", "not run",
+                    "needs rmt w/o NTP, w/o DTB and w/o CAS rows (`rmt demo --study`)"))
+    post = posttrain_claim(rows)
+    if post:
+        out.append(post)
+    return out
+
+
+def _mean_length(row: Row) -> float:
+    return row.evaluation["results"]["ntr"]["reasoning_len_mean"]
+
+
+def posttrain_claim(rows: list[Row]) -> tuple[str, str, str] | None:
+    """RMT's post-trained accuracy against the best other start, paired over the same held-out questions."""
+    claim = "RMT is a better start for math post-training"
+    rmt = _find(rows, "rmt")
+    others = [r for r in rows if r is not rmt and r.posttrain and r.posttrain.get("after")]
+    if not rmt or not rmt.posttrain or not rmt.posttrain.get("after") or not others:
+        return (claim, "not run", "needs post-trained rmt and baseline rows (`--posttrain`)") if rmt else None
+    best = max(others, key=lambda r: r.posttrain["after"]["accuracy"])
+    after = lambda r: {s["id"]: float(s["correct"]) for s in r.posttrain_samples if s["phase"] == "after"}  # noqa: E731
+    a, b = after(rmt), after(best)
+    ids = [i for i in a if i in b]
+    if not ids:
+        return (claim, "cannot tell", "no shared evaluation questions")
+    d = paired_mean_difference([a[i] for i in ids], [b[i] for i in ids])
+    v = {"higher": "supports", "lower": "contradicts"}.get(verdict(d["ci"]), "cannot tell")
+    return (claim, v, f"after post-training, rmt − {best.label} (the best other start) = {_diff_cell(d)} points "
+                      f"over {len(ids)} questions")
+
+
+def claims_text(rows: list[Row]) -> str:
+    lines = ["| Paper's claim | This run | Evidence (95% CI) |", "|---|---|---|"]
+    lines += [f"| {c} | **{v}** | {e} |" for c, v, e in claims(rows)]
     return "\n".join(lines)
 
 
 def posttrain_table(rows: list[Row]) -> str:
     """Held-out math accuracy before and after the same GRPO post-training of each row (SPEC §10)."""
-    header = ["Start", "Accuracy before", "Accuracy after", "Change", "Response length before / after",
+    from rmt.stats import mean_interval
+
+    header = ["Start", "Accuracy before", "Accuracy after [95% CI]", "Change", "Response length before / after",
               "`</think>` before / after", "GRPO steps"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for r in rows:
@@ -170,11 +349,13 @@ def posttrain_table(rows: list[Row]) -> str:
             continue
         before, after = r.posttrain["before"], r.posttrain["after"]
         acc = lambda phase: _pct(phase and phase["accuracy"])  # noqa: E731
+        outcomes = [float(s["correct"]) for s in r.posttrain_samples if s["phase"] == "after"]
+        after_cell = pct_ci(after["accuracy"], mean_interval(outcomes)) if after and outcomes else acc(after)
         change = f"{100 * (after['accuracy'] - before['accuracy']):+.1f}" if before and after else "—"
         length = lambda phase: f"{phase['response_len_mean']:.1f}" if phase else "—"  # noqa: E731
         closed = lambda phase: f"{100 * phase['format_ok_frac']:.0f}%" if phase else "—"  # noqa: E731
         steps = str(r.posttrain_metrics[-1]["step"]) if r.posttrain_metrics else "0"
-        cells = [r.label, acc(before), acc(after), change, f"{length(before)} / {length(after)}",
+        cells = [r.label, acc(before), after_cell, change, f"{length(before)} / {length(after)}",
                  f"{closed(before)} / {closed(after)}", steps]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -182,6 +363,8 @@ def posttrain_table(rows: list[Row]) -> str:
 
 def posttrain_text(rows: list[Row]) -> str:
     """What the post-training table measured, and whether its rows are comparable."""
+    import json
+
     reports = [r.posttrain for r in rows if r.posttrain]
     first = reports[0]
     same = lambda key: len({json.dumps(p.get(key)) for p in reports}) == 1  # noqa: E731
@@ -198,18 +381,21 @@ def posttrain_text(rows: list[Row]) -> str:
 
 def details(rows: list[Row]) -> str:
     """Per-row sample sizes, prefix-match accuracy and training summary."""
-    header = ["Method", "Folder", "NTR n (easy/medium/hard)", "NTR prefix Avg.", "`</think>` written",
-              "NTP n (easy/medium/hard)", "Final reward", "Train time (min)"]
+    header = ["Method", "Folder", "NTR n (easy/medium/hard)", "NTR prefix Avg.", "NTP Avg. [95% CI]",
+              "NTP n (easy/medium/hard)", "Final reward", "Final match reward", "Train time (min)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for r in rows:
         results = r.evaluation["results"] if r.evaluation else {}
         ntr, ntp = results.get("ntr"), results.get("ntp")
         n = lambda block: "/".join(str(block["splits"][s]["n"]) for s in BAND_NAMES) if block else "—"  # noqa: E731
-        rewards = [m["reward_mean"] for m in r.metrics if m.get("reward_mean") is not None]
-        last = f"{np.mean(rewards[-max(1, len(rewards) // 10):]):.3f}" if rewards else "—"
+
+        def last(key):
+            values = [m[key] for m in r.metrics if m.get(key) is not None]
+            return f"{np.mean(values[-max(1, len(values) // 10):]):.3f}" if values else "—"
+
         minutes = f"{sum(m['step_seconds'] for m in r.metrics) / 60:.1f}" if r.metrics else "—"
-        cells = [r.label, f"`{r.folder}`", n(ntr), _pct(_acc(ntr and ntr["prefix"])),
-                 f"{100 * ntr['well_formed_frac']:.0f}%" if ntr else "—", n(ntp), last, minutes]
+        cells = [r.label, f"`{r.folder}`", n(ntr), _pct(_acc(ntr and ntr["prefix"])), pct_ci(_acc(ntp), _ci(ntp)),
+                 n(ntp), last("reward_mean"), last("reward_match_mean"), minutes]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -225,14 +411,18 @@ def settings_text(rows: list[Row]) -> str:
         f"Evaluated on the eval split of `{evaluation['data']}`. Nested splits by proxy entropy: "
         f"easy H > {t[0]:.3g}, medium H > {t[1]:.3g}, hard H > {t[2]:.3g} nats; Avg. is their unweighted mean. "
         f"NTR mode: {s['ntr_positions']} positions sampled from the {s['pool_size']} above the floor "
-        f"(seed {s['seed']}), greedy decoding, {budget}, reasoning cap {s['reasoning_cap']} tokens, "
-        f"answer forcing {'on' if s['force_answer'] else 'off'}; accuracy is exact match of the boxed "
-        f"prediction with the next token. NTP mode: greedy next token at every pool position. "
-        f"Accuracies in %, reasoning length in tokens."
+        f"(seed {s['seed']}), the same for every row, greedy decoding, {budget}, reasoning cap "
+        f"{s['reasoning_cap']} tokens, answer forcing {'on' if s['force_answer'] else 'off'}; accuracy is exact "
+        f"match of the boxed prediction with the next token. NTP mode: greedy next token at every pool position. "
+        "NTR/NTP: NTR accuracy as a share of greedy NTP accuracy on the same positions. Accuracies in %, with "
+        "95% percentile-bootstrap intervals over positions (positions of one document are correlated, so the "
+        "intervals are if anything a little narrow); reasoning length in tokens."
     )
 
 
 def write_markdown(rows: list[Row], out: Path, figures: dict[str, str]) -> Path:
+    from rmt.io import write_text_atomic
+
     notes = [f"- {r.label}: {note}" for r in rows for note in r.notes]
     data = next((r.evaluation["data"] for r in rows if r.evaluation), "SCORED_DIR")
     notes += [f"- {r.label}: not evaluated; `rmt eval --model {r.folder} --data {data}` writes its {EVAL_FILE}"
@@ -249,10 +439,19 @@ def write_markdown(rows: list[Row], out: Path, figures: dict[str, str]) -> Path:
         settings_text(rows),
         "",
     ]
-    methods = dict.fromkeys("base" if not r.is_run else r.config.method for r in rows)
-    parts += [f"- **{m}**: {METHOD_NOTES[m]}" for m in methods] + [""]
+    methods = dict.fromkeys(r.method for r in rows)
+    parts += [f"- **{m}**: {METHOD_NOTES[m]}" for m in methods if m in METHOD_NOTES] + [""]
     if notes:
         parts += ["Notes:", "", *notes, ""]
+    parts += ["## The paper's claims", "",
+              "Each verdict rests on a paired difference between runs evaluated on the same positions (or "
+              "questions): *supports* / *contradicts* when its 95% interval excludes 0, *cannot tell* when it "
+              "holds 0.", "", claims_text(rows), ""]
+    differences = differences_table(rows)
+    if differences:
+        parts += ["## Paired differences", "",
+                  "NTR accuracy of A minus B in points (95% paired-bootstrap interval) on the positions both "
+                  "answered, and the difference in mean reasoning length (tokens).", "", differences, ""]
     if any(r.posttrain for r in rows):
         parts += ["## Post-training on math (SPEC §10)", "",
                   "Does a mid-trained checkpoint make a better start for reinforcement post-training?", "",
@@ -262,7 +461,7 @@ def write_markdown(rows: list[Row], out: Path, figures: dict[str, str]) -> Path:
     for name, caption in figures.items():
         parts += [f"### {caption}", "", f"![{caption}]({name})", ""]
     path = out / "report.md"
-    path.write_text("\n".join(parts), encoding="utf-8")
+    write_text_atomic(path, "\n".join(parts))
     return path
 
 
@@ -318,18 +517,24 @@ def plot_accuracy(rows: list[Row], path: Path) -> None:
         for k, r in enumerate(evaluated):
             ntr = r.evaluation["results"]["ntr"]
             values = [_acc(ntr, s) for s in BAND_NAMES] + [_acc(ntr)]
-            heights = [np.nan if v is None else 100 * v for v in values]
-            bars = ax.bar(x - 0.4 + (k + 0.5) * width, heights, width, label=r.label)
-            ax.bar_label(bars, labels=[_pct(v) for v in values], fontsize=8, padding=2)
+            cis = [_ci(ntr, s) for s in BAND_NAMES] + [_ci(ntr)]
+            heights = np.array([np.nan if v is None else 100 * v for v in values])
+            lo = np.array([np.nan if not c or c[0] is None else 100 * c[0] for c in cis])
+            hi = np.array([np.nan if not c or c[1] is None else 100 * c[1] for c in cis])
+            errors = np.nan_to_num(np.stack([heights - lo, hi - heights]), nan=0.0).clip(min=0)
+            bars = ax.bar(x - 0.4 + (k + 0.5) * width, heights, width, label=r.label, yerr=errors, capsize=2,
+                          error_kw={"elinewidth": 0.8, "alpha": 0.7})
+            ax.bar_label(bars, labels=[_pct(v) for v in values], fontsize=7, padding=2)
         thresholds = evaluated[0].evaluation["settings"]["thresholds"]
         ax.set_xticks(x, [f"{n}\nH > {t:.3g}" for n, t in zip(BAND_NAMES, thresholds)] + ["avg\n(mean of splits)"])
-        top = np.nanmax([100 * (_acc(r.evaluation["results"]["ntr"], s) or 0) for r in evaluated for s in BAND_NAMES])
-        ax.set_ylim(0, max(10.0, top * 1.25))
+        top = np.nanmax([100 * ((_ci(r.evaluation["results"]["ntr"], s) or [0, 0])[1] or 0)
+                         for r in evaluated for s in BAND_NAMES])
+        ax.set_ylim(0, max(10.0, top * 1.15))
         ax.set_ylabel("NTR accuracy (%)")
         ax.set_xlabel("nested split of the eval positions (proxy entropy, nats)")
         ax.legend(title="method")
         ax.grid(axis="y", alpha=0.3)
-    ax.set_title("Next-token reasoning accuracy per difficulty split (exact match)")
+    ax.set_title("Next-token reasoning accuracy per difficulty split (exact match, 95% intervals)")
     fig.savefig(path, dpi=120)
 
 
@@ -463,16 +668,13 @@ def plot_posttrain(rows: list[Row], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def write_report(folders, out: str | Path) -> Path:
-    """Write `report.md` and the figures for the given run folders into `out`; returns report.md."""
-    if not folders:
-        raise RmtError("give at least one run folder")
-    return render(load_rows(folders), Path(out))
-
-
 def render(rows: list[Row], out: Path) -> Path:
     """The report of loaded rows. Figures are drawn on `matplotlib.figure.Figure` (Agg when saved as PNG),
     never through pyplot, so no GUI backend or global state is involved."""
+    if not rows:
+        raise RmtError("give at least one run folder")
+    if out.exists() and not out.is_dir():
+        raise RmtError(f"{out} is a file; --out must be a folder")
     out.mkdir(parents=True, exist_ok=True)
     plot_accuracy(rows, out / "accuracy.png")
     plot_reasoning_length(rows, out / "reasoning_length.png")
@@ -498,9 +700,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.out.is_dir():
+        raise RmtError(f"{args.out} is a file; --out must be a folder")
     rows = load_rows(args.runs)
     path = render(rows, args.out)
     print(table(rows))
+    print(f"\n{claims_text(rows)}")
     figures = list(FIGURES)
     if any(r.posttrain for r in rows):
         print(f"\n{posttrain_table(rows)}")

@@ -25,14 +25,21 @@ from rmt.prompts import THINK_CLOSE
 BOX_OPEN = "\\boxed{"
 
 
+def answer_format_ids(tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of the answer format as rollouts write it: newline + `</think>`, space + `\\boxed{`, and `}`."""
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return encode("\n" + THINK_CLOSE), encode(" " + BOX_OPEN), encode("}")
+
+
 @dataclass
 class RolloutSettings:
-    max_reasoning_tokens: int
+    max_reasoning_tokens: int = 64  # the reasoning cap when a call gives none
     answer_tokens: int = 16
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     force_answer: bool = True
     batch_size: int = 32
+    answer: bool = True  # sample an answer after the reasoning; False: stop at `</think>` or the cap (RLP)
 
 
 @dataclass
@@ -69,11 +76,25 @@ def document_prompts(pre: list[int], window_ids, positions, post: list[int]) -> 
     return SharedPrompts(list(pre) + context, [len(pre) + t for t in positions], list(post))
 
 
+def rollout_positions(engine: "RolloutEngine", pre: list[int], post: list[int], windows, positions, copies: int,
+                      seeds: list[int], max_reasoning_tokens: int, shared_prefix: bool = True) -> list[Rollout]:
+    """`copies` rollouts of the prompt `pre + window[:t] + post` for every position t of every window, in that
+    order (window by window, position by position, copy by copy). With `shared_prefix` each window's prefix
+    is encoded once (`generate_shared`); otherwise every prompt is encoded whole (the reference path)."""
+    if shared_prefix:
+        docs = [document_prompts(pre, w, pos, post) for w, pos in zip(windows, positions)]
+        return engine.generate_shared(docs, copies, seeds, max_reasoning_tokens)
+    prompts = [list(pre) + [int(i) for i in w[: int(t)]] + list(post)
+               for w, pos in zip(windows, positions) for t in pos for _ in range(copies)]
+    return engine.generate(prompts, seeds, max_reasoning_tokens)
+
+
 class _Row:
     """Decoding state of one sequence."""
 
-    def __init__(self, rollout: Rollout):
+    def __init__(self, rollout: Rollout, cap: int):
         self.rollout = rollout
+        self.cap = cap  # reasoning tokens allowed
         self.phase = "reason"
         self.queue: list[int] = []  # tokens the rollout inserts before sampling resumes
         self.tail = ""  # recent reasoning text, to spot `</think>`
@@ -106,29 +127,31 @@ class RolloutEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
-        encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-        self.close_ids = encode("\n" + THINK_CLOSE)
-        self.box_ids = encode(" " + BOX_OPEN)
+        self.close_ids, self.box_ids, _ = answer_format_ids(tokenizer)
         self.eos_ids = set(_as_list(tokenizer.eos_token_id)) | set(_as_list(model.generation_config.eos_token_id))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], seeds: list[int] | None = None) -> list[Rollout]:
-        """Roll out every prompt. `seeds[i]` seeds prompt i's own sampler (default: i), so results do not
-        depend on batching, on the number of processes, or on where a run was resumed."""
+    def generate(self, prompts: list[list[int]], seeds: list[int] | None = None,
+                 max_reasoning_tokens: int | None = None) -> list[Rollout]:
+        """Roll out every prompt, reasoning for at most `max_reasoning_tokens` (default: the settings').
+        `seeds[i]` seeds prompt i's own sampler (default: i), so results do not depend on batching, on the
+        number of processes, or on where a run was resumed."""
+        cap = max_reasoning_tokens or self.settings.max_reasoning_tokens
         rollouts = [Rollout(prompt_ids=list(p)) for p in prompts]
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         size = self.settings.batch_size
         for start in range(0, len(rollouts), size):
             generators = [torch.Generator().manual_seed(int(x)) for x in seeds[start : start + size]]
-            self._generate_batch(rollouts[start : start + size], generators)
+            self._generate_batch(rollouts[start : start + size], generators, cap)
         for r in rollouts:
             r.text = self.tokenizer.decode(r.response_ids)
         return rollouts
 
     @torch.no_grad()
     def generate_shared(
-        self, docs: list[SharedPrompts], copies: int, seeds: list[int] | None = None
+        self, docs: list[SharedPrompts], copies: int, seeds: list[int] | None = None,
+        max_reasoning_tokens: int | None = None,
     ) -> list[Rollout]:
         """Roll out `copies` responses to every prompt of every `SharedPrompts`, encoding each shared
         prefix once.
@@ -138,13 +161,14 @@ class RolloutEngine:
         token for token with greedy decoding, and draw for draw when sampling (each row keeps its own
         seeded generator), up to float rounding of the differently batched forwards.
         """
+        cap = max_reasoning_tokens or self.settings.max_reasoning_tokens
         prompts = [p for doc in docs for p in doc.prompts() for _ in range(copies)]
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         # Every row re-encodes the last `tail` tokens of its prompt (the suffix) on top of a cache slice.
         tail = max([1] + [len(doc.suffix) for doc in docs if doc.cuts])
         states = self._prefix_states(docs) if all(len(p) >= tail for p in prompts) else None
         if states is None:  # a cache this path cannot slice (sliding-window layers) or a degenerate prompt
-            return self.generate(prompts, seeds)
+            return self.generate(prompts, seeds, cap)
         rollouts = [Rollout(prompt_ids=p) for p in prompts]
         starts = [(d, len(docs[d].prefix[:c]) + len(docs[d].suffix)) for d, doc in enumerate(docs) for c in doc.cuts]
         per_batch = max(1, self.settings.batch_size // copies)  # prompts per batch; each fills `copies` rows
@@ -152,7 +176,7 @@ class RolloutEngine:
             chunk = starts[first : first + per_batch]
             rows = slice(first * copies, (first + len(chunk)) * copies)
             generators = [torch.Generator().manual_seed(int(x)) for x in seeds[rows]]
-            self._generate_shared_batch(chunk, states, tail, copies, rollouts[rows], generators)
+            self._generate_shared_batch(chunk, states, tail, copies, rollouts[rows], generators, cap)
         for r in rollouts:
             r.text = self.tokenizer.decode(r.response_ids)
         return rollouts
@@ -162,7 +186,9 @@ class RolloutEngine:
         row.rollout.closed_think = closed
         if closed:
             row.rollout.reasoning_len = max(0, row.rollout.reasoning_len - len(self.close_ids) + 1)
-        if self.settings.force_answer:
+        if not self.settings.answer:
+            row.done = True
+        elif self.settings.force_answer:
             row.queue = ([] if closed else list(self.close_ids)) + list(self.box_ids)
             row.answer = BOX_OPEN
 
@@ -170,7 +196,7 @@ class RolloutEngine:
         """Choose this row's next token (a queued insertion wins over the sample) and update its state."""
         s = self.settings
         r = row.rollout
-        if not row.queue and row.phase == "reason" and sampled in self.eos_ids and s.force_answer:
+        if not row.queue and row.phase == "reason" and sampled in self.eos_ids and s.force_answer and s.answer:
             # The policy would stop before answering: with forcing, its end-of-sequence token is not kept
             # (it would sit between the reasoning and the inserted answer) and the format is inserted instead.
             self._end_reasoning(row, closed=False)
@@ -190,7 +216,7 @@ class RolloutEngine:
                 row.done = True
             elif THINK_CLOSE in row.tail:
                 self._end_reasoning(row, closed=True)
-            elif r.reasoning_len >= s.max_reasoning_tokens:
+            elif r.reasoning_len >= row.cap:
                 self._end_reasoning(row, closed=False)
         else:
             row.answer += piece
@@ -208,7 +234,7 @@ class RolloutEngine:
                         break
         return token
 
-    def _generate_batch(self, batch: list[Rollout], generators: list[torch.Generator]) -> None:
+    def _generate_batch(self, batch: list[Rollout], generators: list[torch.Generator], cap: int) -> None:
         device = self.model.device
         width = max(len(r.prompt_ids) for r in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
@@ -219,7 +245,7 @@ class RolloutEngine:
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        self._decode([_Row(r) for r in batch], generators, out.cache, out.logits[:, -1], mask, positions[:, -1] + 1)
+        self._decode([_Row(r, cap) for r in batch], generators, out.cache, out.logits[:, -1], mask, positions[:, -1] + 1)
 
     def _decode(self, rows: list[_Row], generators: list[torch.Generator], cache, logits, mask, next_pos) -> None:
         """The decoding loop, from a prefilled left-padded `cache` ([B, width]) with its 2D `mask`, the
@@ -227,7 +253,7 @@ class RolloutEngine:
         s = self.settings
         device = self.model.device
         live = list(range(len(rows)))  # rows of the current batch tensors, by index into `rows`
-        max_steps = s.max_reasoning_tokens + len(self.close_ids) + len(self.box_ids) + s.answer_tokens
+        max_steps = max(row.cap for row in rows) + len(self.close_ids) + len(self.box_ids) + s.answer_tokens
         for _ in range(max_steps):
             sampled = _sample(logits, s.temperature, s.top_p, [generators[j] for j in live]).tolist()
             tokens = [self._step_row(rows[j], tok) for j, tok in zip(live, sampled)]
@@ -269,7 +295,7 @@ class RolloutEngine:
                 states[d] = [(layer.keys[i, :, :n], layer.values[i, :, :n]) for layer in layers]
         return states
 
-    def _generate_shared_batch(self, chunk, states, tail, copies, batch, generators) -> None:
+    def _generate_shared_batch(self, chunk, states, tail, copies, batch, generators, cap: int) -> None:
         """Prefill each prompt `(doc, length)` of `chunk` from its document's prefix states plus its last
         `tail` tokens, copy it `copies` times and decode, as `_generate_batch` does after its prefill."""
         device = self.model.device
@@ -298,7 +324,7 @@ class RolloutEngine:
         logits = out.logits[:, -1].repeat_interleave(copies, dim=0)
         mask = mask.repeat_interleave(copies, dim=0)
         next_pos = (positions[:, -1] + 1).repeat_interleave(copies)
-        self._decode([_Row(r) for r in batch], generators, cache, logits, mask, next_pos)
+        self._decode([_Row(r, cap) for r in batch], generators, cache, logits, mask, next_pos)
 
 
 def _as_list(value) -> list[int]:

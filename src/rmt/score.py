@@ -16,10 +16,9 @@ The folder layout is defined in `rmt.scored`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -31,18 +30,10 @@ from tqdm import tqdm
 from rmt.assets import EMBEDDED_MODEL, load_model, load_tokenizer
 from rmt.corpus import EMBEDDED_CORPUS, SPLITS, Document, load_corpus, split_corpus
 from rmt.difficulty import BAND_NAMES, NO_RL, assign_bands, quantile_thresholds, token_entropy
+from rmt.config import Flag, add_config_arguments, comma_list, config_from_args
 from rmt.errors import RmtError
-from rmt.scored import (
-    FORMAT,
-    HIST_FILE,
-    META_FILE,
-    STATS_FILE,
-    ScoredWindow,
-    read_shard,
-    shard_path,
-    write_json_atomic,
-    write_shard,
-)
+from rmt.io import read_json, write_json_atomic
+from rmt.scored import FORMAT, HIST_FILE, META_FILE, STATS_FILE, ScoredWindow, read_shard, shard_path, write_shard
 
 BAND_KEYS = ("below_floor", *BAND_NAMES)  # stats.json names of bands NO_RL, EASY, MEDIUM, HARD
 QUANTILES = (10, 25, 50, 75, 90, 99)
@@ -97,10 +88,30 @@ class ScoreOptions:
                 raise RmtError(message)
 
     def meta(self) -> dict:
-        options = asdict(self)
-        del options["batch_size"]
+        """What the scores depend on: every option but `batch_size` (and none of a subclass's fields)."""
+        options = {f.name: getattr(self, f.name) for f in fields(ScoreOptions) if f.name != "batch_size"}
         options["thresholds"] = list(self.thresholds)
         return options
+
+
+@dataclass(frozen=True)
+class ScoreConfig(ScoreOptions):
+    """`rmt score`: a proxy model, a corpus, an output folder, the splits, and the options."""
+
+    model: str = EMBEDDED_MODEL
+    """Proxy model: hub name, model folder, run folder or smollm2-135m-instruct (SPEC §2: the policy itself)."""
+    corpus: str = EMBEDDED_CORPUS
+    """gsm8k, a .jsonl / .parquet / .txt file, a folder of those, or a hub dataset name."""
+    out: str = "runs/scored"
+    """Output folder; re-run the same command to resume."""
+    splits: list[str] = field(default_factory=lambda: ["midtrain", "eval"])
+    """Splits to score: midtrain, eval, posttrain, or all."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        splits = list(self.splits)
+        if not splits or set(splits) - {*SPLITS, "all"} or len(set(splits)) != len(splits):
+            raise RmtError(f"splits must list distinct splits among {', '.join(SPLITS)} (or all), got {splits}")
 
 
 @dataclass
@@ -227,7 +238,7 @@ def stored_entropies(path: Path, windows: list[Window]) -> list[np.ndarray]:
 def check_existing(out: Path, meta: dict) -> None:
     """Refuse to mix runs: an existing folder must come from the same model, corpus and options."""
     if (out / META_FILE).is_file():
-        old = json.loads((out / META_FILE).read_text(encoding="utf-8"))
+        old = read_json(out / META_FILE, "scored-data meta.json")
         flat_old = {**{k: v for k, v in old.items() if k != "options"}, **old.get("options", {})}
         flat_new = {**{k: v for k, v in meta.items() if k != "options"}, **meta["options"]}
         for key in flat_new:
@@ -406,52 +417,23 @@ def print_report(report: ScoreReport, out: Path) -> None:
     print(f"wrote {out}")
 
 
-def _thresholds(text: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected three numbers like 0.5,1.0,1.5, got '{text}'") from None
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"expected three numbers like 0.5,1.0,1.5, got '{text}'")
-    return values
+FLAGS = (
+    Flag("--model", "model"), Flag("--corpus", "corpus"), Flag("--out", "out"), Flag("--splits", "splits", comma_list),
+    Flag("--top-k", "top_k", int), Flag("--max-length", "max_length", int), Flag("--stride", "stride", int),
+    Flag("--min-context", "min_context", int), Flag("--batch-size", "batch_size", int),
+    Flag("--max-docs", "max_docs", int), Flag("--thresholds", "thresholds", lambda t: [float(v) for v in comma_list(t)]),
+    Flag("--band-mode", "band_mode"), Flag("--docs-per-shard", "docs_per_shard", int),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = ScoreOptions()
-    add = parser.add_argument
-    add("--model", default=EMBEDDED_MODEL, help="proxy model: HF folder or name (default: %(default)s)")
-    add("--corpus", default=EMBEDDED_CORPUS, help="gsm8k, a .jsonl/.parquet/.txt file, a folder or a hub name")
-    add("--out", required=True, type=Path, help="output folder; re-run the same command to resume")
-    add("--splits", default="midtrain,eval", help="comma-separated splits, or all (default: %(default)s)")
-    add("--top-k", type=int, default=defaults.top_k, help="entropy over the top-k logits, 0 = full vocabulary")
-    add("--max-length", type=int, default=defaults.max_length, help="tokens per window (default: %(default)s)")
-    add("--stride", type=int, default=None,
-        help="offset between window starts (default: max_length - max(min_context, max_length/8), 448 at 512)")
-    add("--min-context", type=int, default=defaults.min_context, help="tokens of context needed before a position")
-    add("--batch-size", type=int, default=defaults.batch_size, help="windows per forward pass (default: %(default)s)")
-    add("--max-docs", type=int, default=None, help="only the first N documents of each split, for quick runs")
-    add("--thresholds", type=_thresholds, default=defaults.thresholds, help="band thresholds in nats (0.5,1.0,1.5)")
-    add("--band-mode", choices=("fixed", "quantile"), default=defaults.band_mode,
-        help="fixed thresholds, or equal-count bands above the first threshold (from the first split)")
-    add("--docs-per-shard", type=int, default=defaults.docs_per_shard, help="documents per Parquet shard")
+    add_config_arguments(parser, ScoreConfig, FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    if not splits or set(splits) - {*SPLITS, "all"} or len(set(splits)) != len(splits):
-        raise RmtError(f"--splits must list distinct splits among {', '.join(SPLITS)} (or all), got '{args.splits}'")
-    options = ScoreOptions(
-        top_k=args.top_k,
-        max_length=args.max_length,
-        stride=args.stride,
-        min_context=args.min_context,
-        thresholds=args.thresholds,
-        band_mode=args.band_mode,
-        max_docs=args.max_docs,
-        docs_per_shard=args.docs_per_shard,
-        batch_size=args.batch_size,
-    )
-    report = score_dataset(args.model, args.corpus, args.out, splits, options)
+    config = config_from_args(args, ScoreConfig, FLAGS)
+    splits = list(SPLITS) if "all" in config.splits else list(config.splits)
+    report = score_dataset(config.model, config.corpus, Path(config.out), splits, config)
     if report.stats:  # the main process reports for all
-        print_report(report, args.out)
+        print_report(report, Path(config.out))
     return 0

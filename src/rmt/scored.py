@@ -18,7 +18,6 @@ where ``t`` was not scored (not owned, or fewer than ``min_context`` tokens befo
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rmt.errors import RmtError
+from rmt.io import read_json
 
 FORMAT = 1
 META_FILE = "meta.json"
@@ -62,12 +62,6 @@ class ScoredWindow:
 
 def shard_path(folder: str | Path, split: str, index: int) -> Path:
     return Path(folder) / split / f"shard-{index:05d}.parquet"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_shard(path: Path, windows: list[ScoredWindow]) -> None:
@@ -119,7 +113,7 @@ def read_meta(path: str | Path) -> dict:
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
         raise RmtError(f"{path}: not an `rmt score` output (no {META_FILE}); run `rmt score --out {path}` first")
-    return json.loads(meta_path.read_text(encoding="utf-8"))
+    return read_json(meta_path, "scored-data meta.json")
 
 
 def load_scored(path: str | Path, split: str) -> tuple[list[ScoredWindow], dict]:
@@ -134,7 +128,7 @@ def load_scored(path: str | Path, split: str) -> tuple[list[ScoredWindow], dict]
             f"{path}: incomplete, re-run rmt score with the same options to finish it "
             f"(model {meta['model']}, corpus {meta['corpus']}; it resumes where it stopped)"
         )
-    stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    stats = read_json(stats_path, "scored-data stats.json")
     if split not in stats["splits"]:
         raise RmtError(
             f"{path}: has no split '{split}' (scored splits: {', '.join(stats['splits'])}); "
@@ -145,3 +139,11 @@ def load_scored(path: str | Path, split: str) -> tuple[list[ScoredWindow], dict]
     if len(shards) != expected:
         raise RmtError(f"{path / split}: {len(shards)} shards on disk but stats.json lists {expected}; it was altered")
     return [w for shard in shards for w in read_shard(shard)], stats
+
+
+def ntp_target_mask(window: ScoredWindow, rl_positions=()) -> np.ndarray:
+    """NTP targets of a window (SPEC §7): the positions it owns (≥ 1), minus the RL positions C."""
+    mask = np.zeros(len(window.input_ids), dtype=bool)
+    mask[max(1, window.owned_from) :] = True
+    mask[np.asarray(rl_positions, dtype=np.int64)] = False
+    return mask

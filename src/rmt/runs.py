@@ -1,0 +1,198 @@
+"""What every training recipe (`rmt train`, `rmt posttrain`, `rmt warmup`) builds and does around its steps.
+
+`TrainingRun` holds the accelerator, the model with its optimizer and schedule, the tokenizer and the run
+folder; it backpropagates (reducing gradients across processes on a step's last backward only), steps the
+optimizer, writes the step's metrics record and checkpoints, and resumes all of it exactly. A recipe is
+then only its own loop: what to sample, how to score it, which loss.
+
+Runs work as one process or under `accelerate launch` / `torchrun`: each process gets its share of the
+step's work (`share`), gradients are reduced by the engine (DDP, FSDP or DeepSpeed through accelerate), and
+metrics and checkpoints are written once, by the main process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from transformers import get_constant_schedule_with_warmup
+
+from rmt import assets, checkpoint
+from rmt.config import save_config
+from rmt.errors import RmtError
+from rmt.io import MetricsLog
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class DataOrder:
+    """Epoch-wise shuffled order of `size` items; its state resumes exactly."""
+
+    rng: np.random.Generator
+    size: int
+    order: np.ndarray | None = None
+    cursor: int = 0
+
+    def take(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if self.order is None or self.cursor >= self.size:
+                self.order, self.cursor = self.rng.permutation(self.size), 0
+            out.append(int(self.order[self.cursor]))
+            self.cursor += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "order": self.order, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.order, self.cursor = state["order"], state["cursor"]
+
+
+def check_run_dir(out: str | Path, resume: bool) -> Path:
+    """The run folder of a new run (must not hold one) or of a resumed one (must hold a checkpoint)."""
+    run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RmtError(f"{run_dir} is a file; --out must be a folder")
+    if resume:
+        if checkpoint.latest_checkpoint(run_dir) is None:
+            raise RmtError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+        return run_dir
+    if (run_dir / METRICS_FILE).exists() or checkpoint.list_checkpoints(run_dir):
+        raise RmtError(f"{run_dir} already holds a run; use --resume to continue it, or choose another --out")
+    return run_dir
+
+
+def rollout_seed(*parts: int) -> int:
+    """A seed from integers (run seed, step, item, member ...): each rollout samples from its own."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class TrainingRun:
+    """The accelerator, model, optimizer, tokenizer and run folder of one training run.
+
+    `config` is a `RunConfig` (model, out, steps, seed, save_every, keep_last, dtype, ...), `optim` an
+    `OptimConfig`. Nothing is written until `start()`: a run that fails while it is being built leaves no
+    folder behind, and a resumed run's files are untouched."""
+
+    def __init__(self, config, optim, resume: bool = False, trackers: tuple[str, ...] = ()):
+        self.config, self.resume = config, resume
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # lets torchrun / accelerate launch use gloo on CPU machines
+            mixed_precision="bf16" if config.dtype != "float32" and torch.cuda.is_available() else "no",
+            log_with=list(trackers) or None, project_dir=config.out,
+        )
+        self.main = self.accelerator.is_main_process
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.run_dir = check_run_dir(config.out, resume)
+        torch.manual_seed(config.seed)
+        self.model_path = assets.resolve_model(config.model)
+        self.tokenizer = assets.load_tokenizer(self.model_path)
+        model = assets.load_model(self.model_path)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
+                                      weight_decay=optim.weight_decay)
+        scheduler = get_constant_schedule_with_warmup(optimizer, optim.warmup_steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.policy = self.accelerator.unwrap_model(self.model)
+        self.grad_clip = optim.grad_clip
+        self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
+        self.device = self.accelerator.device
+
+    def load_reference(self):
+        """A frozen copy of the starting model (for a KL term)."""
+        return assets.load_model(self.model_path).to(self.device).eval().requires_grad_(False)
+
+    def share(self, items: list, per_rank: int | None = None) -> tuple[int, list]:
+        """This process's slice of a step's items (every process draws them all, in the same order):
+        (index of its first item, its items)."""
+        n = per_rank if per_rank is not None else len(items) // self.world
+        return self.rank * n, items[self.rank * n : (self.rank + 1) * n]
+
+    def start(self, state_objects=(), tracker_config: dict | None = None) -> int:
+        """Register objects whose state goes into checkpoints, restore everything on resume, write the
+        resolved config; returns the step to start from."""
+        self.accelerator.register_for_checkpointing(*state_objects)
+        step = 0
+        if self.resume:
+            step = checkpoint.load_checkpoint(self.accelerator, checkpoint.latest_checkpoint(self.run_dir), self.model)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.resume:
+                self.metrics.truncate(step)
+            save_config(self.config, self.run_dir / CONFIG_FILE)
+        self.accelerator.wait_for_everyone()
+        if tracker_config is not None and self.accelerator.log_with:
+            self.accelerator.init_trackers("rmt", config=tracker_config)
+        return step
+
+    # ---- one step -------------------------------------------------------------------------------------
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backpropagate one chunk of a step. Every chunk's loss is already its share of the step's mean,
+        and the engine averages over processes, hence the factor `world`; gradients are reduced across
+        processes on the step's last backward only."""
+        ctx = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+        with ctx:
+            self.accelerator.backward(loss * self.world)
+
+    def optimizer_step(self) -> float:
+        """Clip, step, schedule, zero; returns the gradient norm before clipping."""
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def global_sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        return float(self.accelerator.reduce(torch.tensor(float(value), device=self.device), "sum"))
+
+    def gather_metrics(self, metrics: dict) -> dict:
+        """Per-process metrics averaged across processes (counts summed, maxima maximised)."""
+        if self.world == 1 or not metrics:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], device=self.device)
+        gathered = self.accelerator.gather(values.unsqueeze(0))
+        out = {}
+        for i, k in enumerate(keys):
+            column = gathered[:, i]
+            if k in ("zero_std_groups", "tokens_generated"):
+                out[k] = int(column.sum())
+            elif k.endswith("_max"):
+                out[k] = int(column.max())
+            else:
+                out[k] = float(column.mean())
+        return out
+
+    def log(self, record: dict) -> None:
+        if self.main:
+            self.metrics.append(record)
+        if self.accelerator.log_with:
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def maybe_checkpoint(self, step: int, info: dict) -> None:
+        """Checkpoint after `step` steps (1-based) every `save_every` steps and at the end."""
+        if step % self.config.save_every == 0 or step == self.config.steps:
+            checkpoint.save_checkpoint(self.accelerator, self.run_dir, step, self.model, self.tokenizer,
+                                       {**info, "total_steps": self.config.steps}, self.config.keep_last)
+
+    def finish(self) -> Path:
+        self.accelerator.end_training()
+        if self.main:
+            print(f"run saved to {self.run_dir} (checkpoint: {checkpoint.latest_checkpoint(self.run_dir)})")
+        return self.run_dir
