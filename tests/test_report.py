@@ -97,3 +97,117 @@ def test_posttrain_table_from_hand_made_results(tmp_path):
     assert "post-training unfinished" in rows[1].notes[0]
     path = render(load_rows([tmp_path / "base", tmp_path / "rmt"]), tmp_path / "report")
     assert "## Post-training on math" in path.read_text() and (tmp_path / "report" / "posttrain.png").is_file()
+
+
+def test_figures_show_the_numbers(runs, tmp_path):
+    """The figures are checked for what they draw, not only that a file was written."""
+    import json
+
+    import numpy as np
+
+    from rmt.report import plot_accuracy, plot_reasoning_length, plot_rewards
+
+    rows = load_rows([runs / "base", runs / "rmt", runs / "rpt"])
+    fig = plot_accuracy(rows, tmp_path / "accuracy.png")
+    bars = [p for p in fig.axes[0].patches]
+    expected = [100 * (v or 0) for r in rows for v in
+                [r.evaluation["results"]["ntr"]["splits"][s]["accuracy"] for s in ("easy", "medium", "hard")]
+                + [r.evaluation["results"]["ntr"]["avg"]]]
+    assert sorted(np.nan_to_num([b.get_height() for b in bars])) == pytest.approx(sorted(expected))
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["base", "rmt", "rpt"]
+
+    metrics = [json.loads(line) for line in (runs / "rmt" / "metrics.jsonl").read_text().splitlines()]
+    fig = plot_reasoning_length(rows, tmp_path / "length.png")
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert list(lines["rmt: budget $B_t$"].get_ydata()) == [m["budget"] for m in metrics]
+    assert list(lines["rmt: mean reasoning length"].get_ydata()) == [m["reasoning_len_mean"] for m in metrics]
+    assert "rpt: budget $B_t$" not in lines and "rpt: cap (fixed)" in lines  # RPT has no budget
+
+    fig = plot_rewards(rows, tmp_path / "rewards.png")
+    match_panel = fig.axes[1]
+    raw = [line for line in match_panel.get_lines() if line.get_alpha() == 0.3]
+    assert list(raw[0].get_ydata()) == [m["reward_match_mean"] for m in metrics]
+    assert match_panel.get_title() == "match reward $r_{match}$"
+
+
+def _hand_made_run(folder, method, exact, lengths, entropy, *overrides):
+    """A run folder with a config and an eval.json whose NTR records are given (no model needed)."""
+    import json
+
+    from rmt.config import save_config
+    from rmt.warmup import WarmupConfig
+
+    folder.mkdir(parents=True)
+    if method == "warmup":
+        save_config(WarmupConfig(), folder / "config.yaml")
+    elif method:
+        save_config(load_config(None, [f"method={method}", *overrides]), folder / "config.yaml")
+    settings = {"budget": 8, "thresholds": [0.5, 1.0, 1.5], "pool_size": 99, "ntr_positions": len(exact),
+                "seed": 0, "reasoning_cap": 16, "force_answer": True}
+    records = [{"doc_id": "d", "window": 0, "position": i, "entropy": e, "exact": bool(x), "prefix": bool(x),
+                "reasoning_len": n, "closed_think": True, "prediction": "x", "target": "x"}
+               for i, (x, n, e) in enumerate(zip(exact, lengths, entropy))]
+    from rmt.evaluate import split_accuracy
+
+    import numpy as np
+
+    block = split_accuracy(np.array(entropy), np.array(exact, dtype=bool), settings["thresholds"])
+    result = {"model": method, "checkpoint": method, "data": "scored", "modes": ["ntr"], "settings": settings,
+              "results": {"ntr": {**block, "prefix": block, "ntp_same_positions": None,
+                                  "reasoning_len_mean": float(np.mean(lengths)), "well_formed_frac": 1.0,
+                                  "answered_frac": 1.0, "positions": len(exact)}},
+              "records": {"ntr": records}}
+    (folder / "eval.json").write_text(json.dumps(result))
+    return folder
+
+
+def test_claims_and_paired_differences_from_hand_made_evaluations(tmp_path):
+    from rmt.report import claims, compare, differences_table
+
+    n = 200
+    entropy = [0.7 + 1.2 * (i % 3) / 2 for i in range(n)]  # 0.7, 1.3, 1.9: every nested split populated
+    rpt = [i % 4 == 0 for i in range(n)]  # 25% right
+    rmt = [i % 4 == 0 or i % 4 == 1 for i in range(n)]  # right wherever rpt is, and on another quarter
+    warm = rpt
+    rows = load_rows([_hand_made_run(tmp_path / "warmup", "warmup", warm, [1] * n, entropy),
+                      _hand_made_run(tmp_path / "rpt", "rpt", rpt, [4] * n, entropy),
+                      _hand_made_run(tmp_path / "rmt", "rmt", rmt, [2] * n, entropy)])
+    assert [r.label for r in rows] == ["warmed base", "rpt", "rmt"]
+    c = compare(rows[2], rows[1])
+    assert c["n"] == n and c["accuracy"]["avg"]["diff"] == pytest.approx(0.25, abs=0.01)
+    assert c["accuracy"]["avg"]["ci"][0] > 0.15 and c["length"] == {"diff": -2.0, "ci": [-2.0, -2.0]}
+    verdicts = {claim: verdict for claim, verdict, _ in claims(rows)}
+    assert verdicts["RMT's NTR accuracy is above RPT's"] == "supports"
+    assert verdicts["RMT reasons much shorter than RPT (paper: 21% of RPT's length)"] == "supports"
+    assert verdicts["Ablation order: removing NTP hurts most, then DTB, then CAS"] == "not run"
+    table_text = differences_table(rows)
+    assert "| rmt − rpt |" in table_text and "| rpt − warmed base |" in table_text and "higher" in table_text
+
+    # The same outcomes for both: cannot tell; RMT worse: contradicts.
+    same = load_rows([_hand_made_run(tmp_path / "a" / "rpt", "rpt", rpt, [4] * n, entropy),
+                      _hand_made_run(tmp_path / "a" / "rmt", "rmt", rpt, [4] * n, entropy)])
+    assert dict((c, v) for c, v, _ in claims(same))["RMT's NTR accuracy is above RPT's"] == "cannot tell"
+    worse = load_rows([_hand_made_run(tmp_path / "b" / "rpt", "rpt", rmt, [1] * n, entropy),
+                       _hand_made_run(tmp_path / "b" / "rmt", "rmt", rpt, [3] * n, entropy)])
+    verdicts = dict((c, v) for c, v, _ in claims(worse))
+    assert verdicts["RMT's NTR accuracy is above RPT's"] == "contradicts"
+    assert verdicts["RMT reasons much shorter than RPT (paper: 21% of RPT's length)"] == "contradicts"
+
+
+def test_the_ablation_order_claim(tmp_path):
+    from rmt.report import claims
+
+    n = 300
+    entropy = [0.7 + 1.2 * (i % 3) / 2 for i in range(n)]
+    right = lambda share: [i % 10 < share for i in range(n)]  # noqa: E731 -- share in tenths, nested sets
+    runs = [("rmt", right(8), ()), ("no-ntp", right(2), ("ntp.weight=0",)),
+            ("no-dtb", right(4), ("budget.enabled=false",)), ("no-cas", right(6), ("curriculum.enabled=false",))]
+    rows = load_rows([_hand_made_run(tmp_path / name, "rmt", exact, [2] * n, entropy, *o) for name, exact, o in runs])
+    assert [r.label for r in rows] == ["rmt", "rmt w/o NTP", "rmt w/o DTB", "rmt w/o CAS"]
+    claim = "Ablation order: removing NTP hurts most, then DTB, then CAS"
+    verdict, evidence = next((v, e) for c, v, e in claims(rows) if c == claim)
+    assert verdict == "supports" and "removing NTP costs +60.0" in evidence
+    runs[3] = ("no-cas", right(3), ("curriculum.enabled=false",))  # CAS now matters more than DTB
+    rows = load_rows([_hand_made_run(tmp_path / "x" / name, "rmt", exact, [2] * n, entropy, *o)
+                      for name, exact, o in runs])
+    assert next(v for c, v, _ in claims(rows) if c == claim) == "contradicts"

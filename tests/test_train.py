@@ -1,8 +1,10 @@
 import json
+import shutil
 import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from helpers import assert_same_record, run_and_kill
@@ -137,8 +139,27 @@ def test_fast_paths_match_the_reference_path(tiny_model_dir, tiny_scored_dir, tm
         config = tiny_config(tiny_model_dir, tiny_scored_dir, tmp_path / name, "steps=3", *extra, *switches)
         runs.append(read_metrics(train(config)))
     for fast, reference in zip(*runs):
-        assert fast["tokens_generated" if "tokens_generated" in fast else "step"] == \
-            reference["tokens_generated" if "tokens_generated" in reference else "step"]
-        for key in ("loss", "loss_rl", "loss_ntp", "grad_norm", "reward_mean"):
-            if key in fast:
-                assert fast[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key
+        assert fast.keys() == reference.keys()
+        rl = "method=ntp" not in extra
+        assert ("reward_mean" in fast) == rl and ("tokens_generated" in fast) == rl
+        assert fast.get("tokens_generated") == reference.get("tokens_generated")
+        for key in ("loss", "loss_rl", "loss_ntp", "grad_norm", *(("reward_mean",) if rl else ())):
+            assert fast[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key
+
+
+def test_resume_continues_the_run_as_it_was(tiny_model_dir, tiny_scored_dir, tmp_path, capsys):
+    """`--resume --out RUN` alone takes the run's saved config; settings that would change its results are
+    refused (before anything is written) unless --allow-changes; harmless ones are accepted."""
+    run = tmp_path / "run"
+    config = tiny_config(tiny_model_dir, tiny_scored_dir, run, "steps=3", "save_every=1", "method=rpt")
+    train(config)
+    shutil.rmtree(run / "checkpoints" / "step-000003")
+    saved = (run / "config.yaml").read_text()
+    for change in ("steps=5", "method=rmt", "seed=1", "rollout.top_p=0.5"):
+        assert main(["train", "--resume", "--out", str(run), change]) == 2
+        err = capsys.readouterr().err
+        assert "other settings" in err and change.split("=")[0] in err and "--allow-changes" in err
+    assert (run / "config.yaml").read_text() == saved and len(read_metrics(run)) == 3
+    assert main(["train", "--resume", "--out", str(run), "keep_last=3"]) == 0  # same run, more checkpoints kept
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
+    assert yaml.safe_load((run / "config.yaml").read_text())["method"] == "rpt"

@@ -106,6 +106,11 @@ class RewardConfig:
     prediction worth far more than any length while still separating short from overlong reasoning."""
     r_max: float = 1.0
     """Peak of the triangular length reward (SPEC §3)."""
+    length_needs_close: bool = True
+    """The length reward counts only for reasoning the policy closed with </think> itself. A reasoning cut
+    by the cap, or ended by an end-of-sequence token that answer forcing replaced, earns no length reward:
+    otherwise RL rewards stopping early and then whatever the forced answer holds (see README, "The cold
+    start")."""
     ema_decay: float = 0.999
     """rlp: τ of the no-thought baseline model φ ← τ·φ + (1−τ)·θ after every optimizer step (paper: 0.999)."""
 

@@ -43,7 +43,7 @@ from rmt.io import read_json, write_json_atomic
 from rmt.prompts import PromptBuilder
 from rmt.rewards import ExactMatch, NextToken, PrefixMatch, extract_prediction
 from rmt.rollout import RolloutEngine, RolloutSettings, document_prompts
-from rmt.scored import ScoredWindow, load_scored
+from rmt.scored import ScoredWindow, load_scored, read_meta
 from rmt.stats import mean_interval, split_intervals
 
 MODES = ("ntp", "ntr")
@@ -70,9 +70,14 @@ class EvalSettings:
     """Sequences per generation batch (NTR); windows per forward are a quarter of it (NTP)."""
     prompt_style: str = "auto"
     """auto | chat | plain | raw (see `rmt.prompts.PromptBuilder`)."""
+    split: str = "eval"
+    """Scored split to evaluate: eval (held out from mid-training); posttrain (also never mid-trained on: a
+    development set to tune on, keeping eval for the final numbers); or all -- every scored split, for a
+    corpus that no stage trained on (e.g. a second corpus to check a result on)."""
 
     def __post_init__(self):
         check([
+            (self.split in ("eval", "posttrain", "all"), f"split must be eval, posttrain or all, got '{self.split}'"),
             (self.budget is None or self.budget >= 1, f"budget must be >= 1 or null, got {self.budget}"),
             (self.max_reasoning_tokens >= 1, f"max_reasoning_tokens must be >= 1, got {self.max_reasoning_tokens}"),
             (self.positions >= 1, f"positions must be >= 1, got {self.positions}"),
@@ -117,7 +122,7 @@ FLAGS = (
     Flag("--budget", "budget", _budget), Flag("--max-reasoning", "max_reasoning_tokens", int),
     Flag("--positions", "positions", int), Flag("--seed", "seed", int),
     Flag("--no-force-answer", "force_answer", const=False), Flag("--answer-tokens", "answer_tokens", int),
-    Flag("--batch-size", "batch_size", int), Flag("--prompt-style", "prompt_style"),
+    Flag("--batch-size", "batch_size", int), Flag("--prompt-style", "prompt_style"), Flag("--split", "split"),
 )
 
 
@@ -160,6 +165,15 @@ def split_accuracy(entropy: np.ndarray, correct: np.ndarray, thresholds) -> dict
                         "ci": intervals["splits"][name]}
     present = [s["accuracy"] for s in splits.values() if s["accuracy"] is not None]
     return {"splits": splits, "avg": float(np.mean(present)) if present else None, "avg_ci": intervals["avg"]}
+
+
+def load_all_splits(data) -> tuple[list[ScoredWindow], dict]:
+    """The windows of every scored split of `data`, in split order, and its stats."""
+    windows, stats = [], None
+    for split in read_meta(data)["splits"]:
+        part, stats = load_scored(data, split)
+        windows += part
+    return windows, stats
 
 
 def _my_batches(order: list, batch_size: int, shard: tuple[int, int]) -> list[list]:
@@ -274,11 +288,12 @@ def evaluate(model: str, data: str | Path, modes=MODES, budget: int | None = 16,
     if not modes or set(modes) - set(MODES):
         raise RmtError(f"modes must be among {', '.join(MODES)}, got {', '.join(modes) or 'none'}")
     settings = EvalSettings(budget=budget, positions=positions, seed=seed, **options)
-    windows, stats = load_scored(data, "eval")
+    windows, stats = load_all_splits(data) if settings.split == "all" else load_scored(data, settings.split)
     thresholds = [float(t) for t in stats["thresholds"]]
     pool = position_pool(windows, thresholds[0])
     if not pool:
-        raise RmtError(f"{data}: the eval split has no scored position above the floor {thresholds[0]:g} nats")
+        raise RmtError(f"{data}: the {settings.split} split has no scored position above the floor "
+                       f"{thresholds[0]:g} nats")
     sample = sample_positions(pool, settings.positions, settings.seed)
 
     # Under torchrun / accelerate launch every process evaluates whole batches of its own, and every

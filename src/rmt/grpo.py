@@ -139,15 +139,22 @@ class PerRolloutBackend:
 
 def policy_update(model, trajectories: list[Trajectory], documents=(), ntp_masks=(),
                   settings: UpdateSettings = UpdateSettings(), backend=None, reference=None,
-                  backward=None, global_sum=None, autocast=contextlib.nullcontext) -> dict:
+                  backward=None, global_sum=None, global_max=None, autocast=contextlib.nullcontext) -> dict:
     """Backpropagate ``L = L_RL + λ·L_NTP`` for one step; returns the loss values (and clip/KL stats).
 
     `documents` are the step's windows (token ids) and `ntp_masks[d]` document d's NTP targets; with no
     documents (or λ = 0) there is no NTP term. `backward(loss, last)` runs each chunk's backward (default
     `loss.backward()`; the trainer passes the engine's, which reduces gradients on the `last` one only).
-    `global_sum(x)` sums a number over processes (default: one process).
+    `global_sum(x)` sums a number over processes, `global_max(n)` takes the largest (default: one process).
+
+    Every process runs the same number of forwards and backwards, whatever its share of the work: the
+    engine's collectives (DDP's buffer broadcast in each forward, the gradient all-reduce, FSDP's weight
+    gathers) must be issued in the same order everywhere, or the processes wait on each other forever. A
+    process with fewer chunks than the busiest one runs filler chunks: a one-token forward whose loss is
+    multiplied by 0, so it adds nothing to the gradient.
     """
     global_sum = global_sum or (lambda x: x)
+    global_max = global_max or (lambda x: x)
     backward = backward or (lambda loss, last: loss.backward())
     lam = settings.ntp_weight
     rl_tokens = global_sum(sum(sum(t.loss_mask) for t in trajectories))
@@ -156,6 +163,11 @@ def policy_update(model, trajectories: list[Trajectory], documents=(), ntp_masks
     specs = backend.plan(trajectories, list(documents), with_ntp=ntp_tokens > 0) if (trajectories or ntp_tokens) else []
     sums = {"rl": 0.0, "ntp": 0.0}
     stats: dict[str, float] = {}
+    n_chunks = int(global_max(len(specs)))
+    for i in range(len(specs), n_chunks):  # fillers first: the real work's last backward stays last
+        with autocast():
+            filler = _filler_loss(model)
+        backward(filler, i == n_chunks - 1)
     for i, spec in enumerate(specs):
         with autocast():
             chunk = backend.forward(model, spec, ntp_masks)
@@ -166,12 +178,18 @@ def policy_update(model, trajectories: list[Trajectory], documents=(), ntp_masks
                                       _reference_logprobs(reference, backend, spec, ntp_masks, autocast))
         if chunk.ntp_logits is not None and ntp_tokens:
             loss_ntp = ntp_loss(chunk.ntp_logits, chunk.ntp_ids, chunk.ntp_target) * (chunk.ntp_target.sum() / ntp_tokens)
-        backward(dual_objective(loss_rl, loss_ntp, lam), i == len(specs) - 1)
+        backward(dual_objective(loss_rl, loss_ntp, lam), n_chunks - len(specs) + i == n_chunks - 1)
         sums["rl"] += float(loss_rl.detach())
         sums["ntp"] += float(loss_ntp.detach())
     loss_rl, loss_ntp = global_sum(sums["rl"]), global_sum(sums["ntp"])
     return {"loss": float(dual_objective(loss_rl, loss_ntp, lam)), "loss_rl": loss_rl, "loss_ntp": loss_ntp,
-            **stats}
+            "chunks": len(specs), **stats}
+
+
+def _filler_loss(model) -> torch.Tensor:
+    """A forward through every parameter that contributes nothing: the loss of one token, times 0."""
+    device = next(model.parameters()).device
+    return model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device)).logits.float().sum() * 0.0
 
 
 def _rl_loss(chunk: Chunk, advantages, settings: UpdateSettings, rl_tokens: float, ref_logprobs):

@@ -33,7 +33,7 @@ from rmt.io import read_json, write_json_atomic
 from rmt.mathdata import MATH_INSTRUCTION, MathQuestion, QuestionPrompt, check_disjoint, load_math_data
 from rmt.rewards import MathAnswer, RewardContext, extract_prediction, import_reward
 from rmt.rollout import RolloutEngine, RolloutSettings
-from rmt.runs import DataOrder, TrainingRun, rollout_seed
+from rmt.runs import DataOrder, TrainingRun, add_resume_arguments, config_for, rollout_seed
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "posttrain.yaml"
 EVAL_FILE = "posttrain_eval.json"
@@ -106,11 +106,12 @@ FLAGS = (Flag("--model", "model"), Flag("--out", "out"), Flag("--source", "sourc
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, PostTrainConfig, FLAGS, default_file=str(DEFAULT_CONFIG))
-    parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    add_resume_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    posttrain(config_from_args(args, PostTrainConfig, FLAGS, default_file=str(DEFAULT_CONFIG)), resume=args.resume)
+    config = config_for(args, PostTrainConfig, FLAGS, default_file=str(DEFAULT_CONFIG))
+    posttrain(config, resume=args.resume, allow_changes=args.allow_changes)
     return 0
 
 
@@ -162,7 +163,7 @@ def _evaluate(run: TrainingRun, model, questions, settings, prompt, phase) -> di
     return out
 
 
-def posttrain(config: PostTrainConfig, resume: bool = False, reward=None) -> Path:
+def posttrain(config: PostTrainConfig, resume: bool = False, reward=None, allow_changes: bool = False) -> Path:
     """Run (or resume) one post-training; `reward` replaces the math reward object."""
     # ---- build ----------------------------------------------------------------------------------------
     data = load_math_data(config.source, config.eval_source, config.eval_fraction, config.generated_train,
@@ -171,7 +172,7 @@ def posttrain(config: PostTrainConfig, resume: bool = False, reward=None) -> Pat
         midtrain = split_corpus(load_corpus(config.midtrain_corpus), "midtrain")
         check_disjoint(data.train, data.eval, [d.text for d in midtrain])
     eval_questions = data.eval[: config.n_eval or None]
-    run = TrainingRun(config, config.optim, resume)
+    run = TrainingRun(config, config.optim, resume, allow_changes=allow_changes)
     if config.questions_per_step % run.world:
         raise RmtError(f"questions_per_step={config.questions_per_step} must be divisible by the {run.world} processes")
     tokenizer = run.tokenizer
@@ -243,7 +244,8 @@ def posttrain(config: PostTrainConfig, resume: bool = False, reward=None) -> Pat
         # ---- update, step ---------------------------------------------------------------------------
         t1 = time.perf_counter()
         losses = policy_update(run.model, trajectories, settings=update, backend=backend, reference=reference,
-                               backward=run.backward, global_sum=run.global_sum, autocast=run.accelerator.autocast)
+                               backward=run.backward, global_sum=run.global_sum, global_max=run.global_max,
+                               autocast=run.accelerator.autocast)
         grad_norm = run.optimizer_step()
         t_train = time.perf_counter() - t1
 

@@ -504,7 +504,7 @@ def _series(metrics: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return steps, values
 
 
-def plot_accuracy(rows: list[Row], path: Path) -> None:
+def plot_accuracy(rows: list[Row], path: Path):
     fig = _figure(figsize=(9, 4.8))
     ax = fig.subplots()
     evaluated = [r for r in rows if r.evaluation and "ntr" in r.evaluation["results"]]
@@ -536,9 +536,10 @@ def plot_accuracy(rows: list[Row], path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     ax.set_title("Next-token reasoning accuracy per difficulty split (exact match, 95% intervals)")
     fig.savefig(path, dpi=120)
+    return fig
 
 
-def plot_reasoning_length(rows: list[Row], path: Path) -> None:
+def plot_reasoning_length(rows: list[Row], path: Path):
     fig = _figure(figsize=(11, 4.8))
     ax = fig.subplots()
     runs = [r for r in rows if r.is_run and r.config.rl.enabled and r.metrics]
@@ -563,9 +564,10 @@ def plot_reasoning_length(rows: list[Row], path: Path) -> None:
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=120)
+    return fig
 
 
-def plot_band_mix(rows: list[Row], path: Path) -> None:
+def plot_band_mix(rows: list[Row], path: Path):
     """Per curriculum run: the intended band mix p_t (left) beside the bands actually sampled (right)."""
     runs = [r for r in rows if r.is_run and r.config.rl.enabled and r.metrics
             and any(m.get("band_probs") for m in r.metrics)]
@@ -597,19 +599,27 @@ def plot_band_mix(rows: list[Row], path: Path) -> None:
         left.set_ylabel("fraction of RL positions")
         right.legend(title="band", fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, dpi=120)
+    return fig
 
 
-def plot_rewards(rows: list[Row], path: Path) -> None:
+def plot_rewards(rows: list[Row], path: Path):
+    """Total, match and length reward per step (top), and the match reward per difficulty band (bottom):
+    the curriculum moves towards harder bands, which lowers the overall match rate by itself; within a
+    band, a rising match rate is learning."""
     runs = [r for r in rows if r.is_run and r.config.rl.enabled and r.metrics]
-    fig = _figure(figsize=(12, 4.2))
-    axes = fig.subplots(1, 3, sharex=True)
+    fig = _figure(figsize=(13, 8))
+    axes = fig.subplots(2, 3, sharex=True)
     panels = (("reward_mean", "total reward r"), ("reward_match_mean", "match reward $r_{match}$"),
-              ("reward_len_mean", "length reward $r_{len}$"))
-    for ax, (key, title) in zip(axes, panels):
-        if not runs:
-            _empty(ax, "no RL run")
+              ("reward_len_mean", "length reward $r_{len}$"),
+              *((f"match_{b}", f"match reward, {b} band positions") for b in BAND_NAMES))
+    for ax, (key, title) in zip(axes.flat, panels):
+        shown = [r for r in runs if any(m.get(key) is not None for m in r.metrics)]
+        if not shown:
+            _empty(ax, "no RL run logs it")
         top = 0.0
         for k, r in enumerate(runs):
+            if r not in shown:
+                continue
             steps, values = _series(r.metrics, key)
             window = max(1, len(steps) // 10)
             ax.plot(steps, values, color=f"C{k}", alpha=0.3, linewidth=1)
@@ -617,17 +627,18 @@ def plot_rewards(rows: list[Row], path: Path) -> None:
                     label=r.label + (f" ({window}-step mean)" if window > 1 else ""))
             top = max(top, float(np.nanmax(values, initial=0.0)))
         ax.set_ylim(-0.02, max(0.1, 1.15 * top))  # rewards lie in [0, 1]; zoom in on small ones
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         _step_axis(ax, runs)
         ax.set_ylabel("mean over rollouts (0–1)")
         ax.grid(alpha=0.3)
     if runs:
-        axes[0].legend(fontsize=8)
+        axes[0, 0].legend(fontsize=8)
     fig.suptitle("Rewards over training (thin: per step, thick: trailing mean)")
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_posttrain(rows: list[Row], path: Path) -> None:
+def plot_posttrain(rows: list[Row], path: Path):
     """Math accuracy before / after post-training per start (left) and the GRPO reward per step (right)."""
     posted = [r for r in rows if r.posttrain]
     fig = _figure(figsize=(12, 4.4))
@@ -666,6 +677,7 @@ def plot_posttrain(rows: list[Row], path: Path) -> None:
     right.set_title("GRPO reward during post-training")
     right.grid(alpha=0.3)
     fig.savefig(path, dpi=120)
+    return fig
 
 
 def render(rows: list[Row], out: Path) -> Path:

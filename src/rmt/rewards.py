@@ -131,15 +131,16 @@ class Reward(Protocol):
 
 
 class NextTokenMatch:
-    """r = (1 − w)·r_match + w·r_len (SPEC §4) with the length term only under a budget (SPEC §3).
-    Subclasses define `match(prediction, task)`."""
+    """r = (1 − w)·r_match + w·r_len (SPEC §4) with the length term only under a budget (SPEC §3), and, with
+    `length_needs_close`, only for reasoning the policy closed itself. Subclasses define `match`."""
 
     name = ""
 
-    def __init__(self, tokenizer, length_weight: float = 0.0, r_max: float = 1.0):
+    def __init__(self, tokenizer, length_weight: float = 0.0, r_max: float = 1.0, length_needs_close: bool = True):
         self.tokenizer = tokenizer
         self.length_weight = length_weight
         self.r_max = r_max
+        self.length_needs_close = length_needs_close
 
     def match(self, prediction: str | None, task: NextToken) -> float:
         raise NotImplementedError
@@ -149,7 +150,8 @@ class NextTokenMatch:
         out = []
         for rollout, task in zip(rollouts, tasks, strict=True):
             match = self.match(extract_prediction(rollout.text), task)
-            length = length_reward(rollout.reasoning_len, context.budget, self.r_max) if context.budget else 0.0
+            counts = context.budget and (rollout.closed_think or not self.length_needs_close)
+            length = length_reward(rollout.reasoning_len, context.budget, self.r_max) if counts else 0.0
             out.append({"reward": total_reward(match, length, w), "match": match, "len": length})
         return out
 
@@ -278,7 +280,7 @@ def build_reward(config, tokenizer, policy=None) -> Reward:
     if ":" in config.name:
         return import_reward(config.name)
     if config.name in ("exact", "prefix"):
-        return REWARDS[config.name](tokenizer, config.length_weight, config.r_max)
+        return REWARDS[config.name](tokenizer, config.length_weight, config.r_max, config.length_needs_close)
     if config.name == "rlp":
         return RLPReward(policy, tokenizer, config.ema_decay)
     return REWARDS[config.name]()

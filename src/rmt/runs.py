@@ -70,6 +70,65 @@ def check_run_dir(out: str | Path, resume: bool) -> Path:
     return run_dir
 
 
+# Settings a resumed run may change: they affect speed, memory, logging or what is kept, not the results
+# (beyond float rounding).
+RESUME_MAY_CHANGE = ("out", "save_every", "keep_last", "log_tensorboard", "log_wandb", "gradient_checkpointing",
+                     "rollout.batch_size", "optim.micro_batch", "optim.pack_tokens")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume_config(run_dir: Path, config, allow_changes: bool = False) -> None:
+    """A resumed run continues the run as it was: refuse settings that differ from its saved config.yaml
+    (and would change its results), unless `allow_changes`."""
+    from rmt.config import config_to_dict, load_config
+
+    saved = run_dir / CONFIG_FILE
+    if not saved.is_file():
+        raise RmtError(f"--resume: {saved} is missing; this folder does not hold a complete run")
+    before = _flatten(config_to_dict(load_config(str(saved), schema=type(config))))
+    now = _flatten(config_to_dict(config))
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE)
+    if changed and not allow_changes:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        raise RmtError(f"--resume: {run_dir} was started with other settings ({shown}"
+                       f"{', ...' if len(changed) > 4 else ''}); resume with the same settings, or add "
+                       "--allow-changes to continue with the new ones")
+
+
+def add_resume_arguments(parser) -> None:
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its latest checkpoint, with its saved config.yaml "
+                             "(settings given here must not change it)")
+    parser.add_argument("--allow-changes", action="store_true",
+                        help="with --resume: accept settings that differ from the run's saved config")
+
+
+def config_for(args, schema, flags, default_file=None):
+    """The config of a training command. With --resume and no --config, the run's saved config.yaml is the
+    base, so `--resume --out RUN` alone continues the run as it was."""
+    from rmt.config import config_from_args
+
+    if getattr(args, "resume", False) and not args.config:
+        probe = config_from_args(args, schema, flags, default_file)  # only to find the run folder
+        saved = Path(probe.out) / CONFIG_FILE
+        if saved.is_file():
+            args.config = str(saved)
+            try:
+                return config_from_args(args, schema, flags)
+            finally:
+                args.config = None
+    return config_from_args(args, schema, flags, default_file)
+
+
 def rollout_seed(*parts: int) -> int:
     """A seed from integers (run seed, step, item, member ...): each rollout samples from its own."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
@@ -82,7 +141,8 @@ class TrainingRun:
     `OptimConfig`. Nothing is written until `start()`: a run that fails while it is being built leaves no
     folder behind, and a resumed run's files are untouched."""
 
-    def __init__(self, config, optim, resume: bool = False, trackers: tuple[str, ...] = ()):
+    def __init__(self, config, optim, resume: bool = False, trackers: tuple[str, ...] = (),
+                 allow_changes: bool = False):
         self.config, self.resume = config, resume
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # lets torchrun / accelerate launch use gloo on CPU machines
@@ -92,6 +152,8 @@ class TrainingRun:
         self.main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.run_dir = check_run_dir(config.out, resume)
+        if resume:
+            check_resume_config(self.run_dir, config, allow_changes)
         torch.manual_seed(config.seed)
         self.model_path = assets.resolve_model(config.model)
         self.tokenizer = assets.load_tokenizer(self.model_path)
@@ -161,13 +223,23 @@ class TrainingRun:
             return value
         return float(self.accelerator.reduce(torch.tensor(float(value), device=self.device), "sum"))
 
+    def global_max(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        tensor = torch.tensor(float(value), device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor)
+
     def gather_metrics(self, metrics: dict) -> dict:
-        """Per-process metrics averaged across processes (counts summed, maxima maximised)."""
-        if self.world == 1 or not metrics:
+        """Per-process metrics averaged across processes (counts summed, maxima and minima kept; NaN -- nothing
+        measured on a process -- left out of means, and None when no process measured it)."""
+        if not metrics:
             return metrics
         keys = sorted(metrics)
-        values = torch.tensor([float(metrics[k]) for k in keys], device=self.device)
-        gathered = self.accelerator.gather(values.unsqueeze(0))
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
+        gathered = self.accelerator.gather(values.unsqueeze(0)) if self.world > 1 else values.unsqueeze(0)
         out = {}
         for i, k in enumerate(keys):
             column = gathered[:, i]
@@ -175,8 +247,11 @@ class TrainingRun:
                 out[k] = int(column.sum())
             elif k.endswith("_max"):
                 out[k] = int(column.max())
+            elif k.endswith("_min"):
+                out[k] = int(column.min())
             else:
-                out[k] = float(column.mean())
+                finite = column[~column.isnan()]
+                out[k] = float(finite.mean()) if finite.numel() else None
         return out
 
     def log(self, record: dict) -> None:

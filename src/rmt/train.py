@@ -25,7 +25,7 @@ from rmt.grpo import ADVANTAGES, PackedBackend, PerRolloutBackend, UpdateSetting
 from rmt.prompts import PromptBuilder
 from rmt.rewards import NextToken, RewardContext, build_reward, extract_prediction
 from rmt.rollout import RolloutEngine, RolloutSettings, rollout_positions
-from rmt.runs import DataOrder, TrainingRun, rollout_seed
+from rmt.runs import DataOrder, TrainingRun, add_resume_arguments, config_for, rollout_seed
 from rmt.scored import load_scored, ntp_target_mask
 
 FLAGS = (
@@ -36,15 +36,15 @@ FLAGS = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, TrainConfig, FLAGS)
-    parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    add_resume_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    train(config_from_args(args, TrainConfig, FLAGS), resume=args.resume)
+    train(config_for(args, TrainConfig, FLAGS), resume=args.resume, allow_changes=args.allow_changes)
     return 0
 
 
-def train(config: TrainConfig, resume: bool = False, reward=None) -> Path:
+def train(config: TrainConfig, resume: bool = False, reward=None, allow_changes: bool = False) -> Path:
     """Run (or resume) one mid-training run; `reward` replaces the configured reward object."""
     # ---- build ----------------------------------------------------------------------------------------
     rl = config.rl.enabled
@@ -54,7 +54,7 @@ def train(config: TrainConfig, resume: bool = False, reward=None) -> Path:
         if not windows:
             raise RmtError(f"{config.data}: no position above the entropy floor; nothing for RL to train on")
     trackers = tuple(t for t, on in (("tensorboard", config.log_tensorboard), ("wandb", config.log_wandb)) if on)
-    run = TrainingRun(config, config.optim, resume, trackers)
+    run = TrainingRun(config, config.optim, resume, trackers, allow_changes)
     if config.docs_per_step % run.world:
         raise RmtError(f"docs_per_step={config.docs_per_step} must be divisible by the {run.world} processes")
     tokenizer = run.tokenizer
@@ -118,6 +118,8 @@ def train(config: TrainConfig, resume: bool = False, reward=None) -> Path:
                 trajectories = [tr for k, tr in enumerate(trajectories) if (advantages[k // G] != 0).any()]
             t_reward = time.perf_counter() - t1
             m.update(rollout_metrics(rollouts, scores, config.rollout), zero_std_groups=zero_std)
+            bands = [int(docs[d].band[t]) for d, t in where for _ in range(G)]
+            m.update(band_means(scores, bands, "match"))
 
         # ---- update: L = L_RL + λ·L_NTP over the same documents (SPEC §6, §7) --------------------------
         t1 = time.perf_counter()
@@ -126,7 +128,10 @@ def train(config: TrainConfig, resume: bool = False, reward=None) -> Path:
         losses = policy_update(
             run.model, trajectories, [d.input_ids for d in docs],
             [ntp_target_mask(d, pos) for d, pos in zip(docs, positions)], update, backend, reference,
-            backward=run.backward, global_sum=run.global_sum, autocast=run.accelerator.autocast)
+            backward=run.backward, global_sum=run.global_sum, global_max=run.global_max,
+            autocast=run.accelerator.autocast)
+        chunks = losses.pop("chunks")
+        m.update(update_chunks_min=chunks, update_chunks_max=chunks)  # forwards per process: its share of work
         grad_norm = run.optimizer_step()
         if hasattr(reward, "after_step"):
             reward.after_step(run.policy)
@@ -149,6 +154,18 @@ def train(config: TrainConfig, resume: bool = False, reward=None) -> Path:
         run.maybe_checkpoint(step + 1, {"method": config.method})
     progress.close()
     return run.finish()
+
+
+def band_means(scores: list[dict], bands: list[int], part: str) -> dict:
+    """Mean of a reward part per difficulty band of the rollouts' positions (`match_easy`, ...), so learning
+    shows apart from the curriculum's shift towards harder bands; NaN for a band without rollouts (every
+    process reports the same keys)."""
+    out = {}
+    if scores and part in scores[0]:
+        for band, name in enumerate(BAND_NAMES, start=1):
+            values = [s[part] for s, b in zip(scores, bands) if b == band]
+            out[f"{part}_{name}"] = float(np.mean(values)) if values else float("nan")
+    return out
 
 
 def rollout_metrics(rollouts, scores: list[dict], rollout_config) -> dict:

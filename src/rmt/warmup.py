@@ -37,7 +37,7 @@ from rmt.errors import RmtError
 from rmt.grpo import PackedBackend, Trajectory, UpdateSettings, policy_update
 from rmt.prompts import PromptBuilder
 from rmt.rollout import answer_format_ids
-from rmt.runs import DataOrder, TrainingRun
+from rmt.runs import DataOrder, TrainingRun, add_resume_arguments, config_for
 from rmt.scored import load_scored, ntp_target_mask
 
 THOUGHTS = ("tail", "empty")
@@ -91,11 +91,11 @@ FLAGS = (Flag("--model", "model"), Flag("--data", "data"), Flag("--out", "out"),
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, WarmupConfig, FLAGS)
-    parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    add_resume_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    warmup(config_from_args(args, WarmupConfig, FLAGS), resume=args.resume)
+    warmup(config_for(args, WarmupConfig, FLAGS), resume=args.resume, allow_changes=args.allow_changes)
     return 0
 
 
@@ -107,13 +107,13 @@ def example_response(window_ids, position: int, thought: str, thought_tokens: in
     return restated + close_ids + box_ids + [ids[position]] + end_ids
 
 
-def warmup(config: WarmupConfig, resume: bool = False) -> Path:
+def warmup(config: WarmupConfig, resume: bool = False, allow_changes: bool = False) -> Path:
     # ---- build ----------------------------------------------------------------------------------------
     windows, _ = load_scored(config.data, "midtrain")  # never the eval split
     windows = [w for w in windows if (w.band >= EASY).any()]
     if not windows:
         raise RmtError(f"{config.data}: no midtrain position above the entropy floor to learn from")
-    run = TrainingRun(config, config.optim, resume)
+    run = TrainingRun(config, config.optim, resume, allow_changes=allow_changes)
     if config.docs_per_step % run.world:
         raise RmtError(f"docs_per_step={config.docs_per_step} must be divisible by the {run.world} processes")
     prompt = PromptBuilder(run.tokenizer, config.prompt_style, prefill_think=True)
@@ -154,7 +154,7 @@ def warmup(config: WarmupConfig, resume: bool = False) -> Path:
                 run.model, trajectories, [w.input_ids], [ntp_target_mask(w, pos)], update,
                 PackedBackend(pre, post, update.pack_tokens),
                 backward=lambda loss, last, d=d: run.backward(loss / n_docs, last and d == n_docs - 1),
-                global_sum=run.global_sum, autocast=run.accelerator.autocast)
+                global_sum=run.global_sum, global_max=run.global_max, autocast=run.accelerator.autocast)
             for key in losses:
                 losses[key] += part[key] / n_docs
         grad_norm = run.optimizer_step()
