@@ -16,7 +16,7 @@ def test_local_folder_is_passed_through(tiny_model_dir):
 
 def test_unknown_model_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RmtError, match="cannot load model 'no-such-org/no-such-model'"):
+    with pytest.raises(RmtError, match="'no-such-org/no-such-model' is not in the local Hugging Face cache"):
         assets.load_tokenizer("no-such-org/no-such-model")
     with pytest.raises(RmtError, match="missing' does not exist"):
         assets.load_model(str(tmp_path / "missing"))

@@ -116,11 +116,47 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def _check_hub_name(name: str) -> None:
+    """A hub name that is neither cached nor reachable fails in seconds with one line, instead of the hub
+    client's minute of retries."""
+    if Path(name).expanduser().exists():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # cached: loads offline
+    if constants.HF_HUB_OFFLINE:
+        raise RmtError(f"model '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                       f"give a local model folder, or '{EMBEDDED_MODEL}'")
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError as exc:
+        raise RmtError(f"model '{name}' is not in the local Hugging Face cache and {url.hostname} cannot be "
+                       f"reached ({exc.__class__.__name__}); give a local model folder, or '{EMBEDDED_MODEL}'") from exc
+
+
+def _check_weights(path: str) -> None:
+    """Damaged weight files of a local model are one error naming the file."""
+    from rmt.checkpoint import safetensors_problem, weight_files
+
+    folder = Path(path)
+    if folder.is_dir():
+        for f in weight_files(folder):
+            problem = safetensors_problem(f)
+            if problem:
+                raise RmtError(f"{f}: the model weights are damaged ({problem})")
+
+
 def load_tokenizer(name: str):
     """The tokenizer of a model (any form `resolve_model` takes), with a pad token."""
     from transformers import AutoTokenizer
 
     path = resolve_model(name)
+    _check_hub_name(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -135,6 +171,8 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementatio
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name)
+    _check_hub_name(path)
+    _check_weights(path)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError) as exc:

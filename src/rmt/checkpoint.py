@@ -74,15 +74,82 @@ def save_checkpoint(accelerator, run_dir, step: int, model, tokenizer, info: dic
     return target
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file cannot be read whole (None if its header and size agree): a file cut short
+    by a crash or a full disk is caught here, before any loader fails on it with a traceback."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return "its header is cut short"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return None if 8 + n + end == size else f"{size} bytes, but its header describes {8 + n + end}"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable ({exc})"
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None if it looks whole)."""
+    try:
+        checkpoint_step(path)
+    except (OSError, ValueError, KeyError) as exc:
+        return f"trainer_state.json is damaged ({exc})"
+    files = weight_files(path)
+    if not files:
+        return "it holds no model weights"
+    for f in files:
+        problem = safetensors_problem(f)
+        if problem:
+            return f"{f.name}: {problem}"
+    state = path / "trainer_state"
+    if not state.is_dir() or not any(state.iterdir()):
+        return "trainer_state/ (optimizer and random states) is missing"
+    return None
+
+
+def resume_checkpoint(run_dir: str | Path, previous_if_damaged: bool = False) -> Path:
+    """The checkpoint to resume from: the latest one, checked whole. A damaged latest checkpoint is an error
+    that names the problem and the previous complete checkpoint, which `previous_if_damaged` takes instead."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise RmtError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+    for i, path in enumerate(reversed(found)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if i:
+                print(f"warning: resuming from {path.name}: the later checkpoint(s) are damaged")
+            return path
+        if not previous_if_damaged:
+            earlier = next((p for p in reversed(found[: len(found) - 1 - i]) if checkpoint_problem(p) is None), None)
+            hint = (f"; add --from-previous-checkpoint to resume from {earlier.name}" if earlier else
+                    "; no earlier checkpoint is whole either: start the run again")
+            raise RmtError(f"--resume: the latest checkpoint {path} is damaged ({problem}){hint}")
+    raise RmtError(f"--resume: every checkpoint of {run_dir} is damaged; start the run again")
+
+
 def load_checkpoint(accelerator, path: Path, model) -> int:
     """Restore model, optimizer, scheduler, random states and registered objects; returns the step."""
-    if _sharded(accelerator):
-        accelerator.load_state(str(path / "trainer_state"))
-    else:
-        hook = accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
-        accelerator.load_state(str(path / "trainer_state"))
-        hook.remove()
-        _load_hf_weights(accelerator.unwrap_model(model), path)
+    try:
+        if _sharded(accelerator):
+            accelerator.load_state(str(path / "trainer_state"))
+        else:
+            hook = accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
+            accelerator.load_state(str(path / "trainer_state"))
+            hook.remove()
+            _load_hf_weights(accelerator.unwrap_model(model), path)
+    except RmtError:
+        raise
+    except Exception as exc:  # torch.load / pickle / safetensors raise many types for a damaged file
+        raise RmtError(f"{path}: cannot restore the checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from exc
     return checkpoint_step(path)
 
 

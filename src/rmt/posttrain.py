@@ -33,7 +33,7 @@ from rmt.io import read_json, write_json_atomic
 from rmt.mathdata import MATH_INSTRUCTION, MathQuestion, QuestionPrompt, check_disjoint, load_math_data
 from rmt.rewards import MathAnswer, RewardContext, extract_prediction, import_reward
 from rmt.rollout import RolloutEngine, RolloutSettings
-from rmt.runs import DataOrder, TrainingRun, add_resume_arguments, config_for, rollout_seed
+from rmt.runs import DataOrder, TrainingRun, check_run_dir, add_resume_arguments, config_for, rollout_seed
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "posttrain.yaml"
 EVAL_FILE = "posttrain_eval.json"
@@ -111,7 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_for(args, PostTrainConfig, FLAGS, default_file=str(DEFAULT_CONFIG))
-    posttrain(config, resume=args.resume, allow_changes=args.allow_changes)
+    posttrain(config, resume=args.resume, allow_changes=args.allow_changes,
+              previous_if_damaged=args.from_previous_checkpoint)
     return 0
 
 
@@ -163,16 +164,19 @@ def _evaluate(run: TrainingRun, model, questions, settings, prompt, phase) -> di
     return out
 
 
-def posttrain(config: PostTrainConfig, resume: bool = False, reward=None, allow_changes: bool = False) -> Path:
+def posttrain(config: PostTrainConfig, resume: bool = False, reward=None, allow_changes: bool = False,
+              previous_if_damaged: bool = False) -> Path:
     """Run (or resume) one post-training; `reward` replaces the math reward object."""
     # ---- build ----------------------------------------------------------------------------------------
+    check_run_dir(config.out, resume)  # the run folder first: a resume of nothing fails at once
     data = load_math_data(config.source, config.eval_source, config.eval_fraction, config.generated_train,
                           config.generated_eval, config.seed, config.task_options)
     if config.midtrain_corpus:
         midtrain = split_corpus(load_corpus(config.midtrain_corpus), "midtrain")
         check_disjoint(data.train, data.eval, [d.text for d in midtrain])
     eval_questions = data.eval[: config.n_eval or None]
-    run = TrainingRun(config, config.optim, resume, allow_changes=allow_changes)
+    run = TrainingRun(config, config.optim, resume, allow_changes=allow_changes,
+                      previous_if_damaged=previous_if_damaged)
     if config.questions_per_step % run.world:
         raise RmtError(f"questions_per_step={config.questions_per_step} must be divisible by the {run.world} processes")
     tokenizer = run.tokenizer

@@ -110,6 +110,8 @@ def add_resume_arguments(parser) -> None:
                              "(settings given here must not change it)")
     parser.add_argument("--allow-changes", action="store_true",
                         help="with --resume: accept settings that differ from the run's saved config")
+    parser.add_argument("--from-previous-checkpoint", action="store_true",
+                        help="with --resume: if the latest checkpoint is damaged, resume from the previous whole one")
 
 
 def config_for(args, schema, flags, default_file=None):
@@ -129,6 +131,39 @@ def config_for(args, schema, flags, default_file=None):
     return config_from_args(args, schema, flags, default_file)
 
 
+LOCK_FILE = ".lock"
+
+
+def lock_run_dir(run_dir: Path):
+    """Hold an exclusive lock on a run folder for this process's lifetime (the OS drops it when the process
+    ends, however it ends); a second writer gets one clear error instead of interleaved files."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    handle = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.close()
+        raise RmtError(f"{run_dir} is being written by another rmt process; wait for it to finish, or choose "
+                       "another --out") from exc
+    return handle
+
+
+def check_writable(run_dir: Path) -> None:
+    """The run folder (or the folder it will be created in) must be writable, checked before any work."""
+    import os
+
+    target = run_dir
+    while not target.exists():
+        target = target.parent
+    if not target.is_dir():
+        raise RmtError(f"{target} is a file; cannot create {run_dir} inside it")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise RmtError(f"{target} is not writable; choose another --out")
+
+
 def rollout_seed(*parts: int) -> int:
     """A seed from integers (run seed, step, item, member ...): each rollout samples from its own."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
@@ -142,7 +177,7 @@ class TrainingRun:
     folder behind, and a resumed run's files are untouched."""
 
     def __init__(self, config, optim, resume: bool = False, trackers: tuple[str, ...] = (),
-                 allow_changes: bool = False):
+                 allow_changes: bool = False, previous_if_damaged: bool = False):
         self.config, self.resume = config, resume
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # lets torchrun / accelerate launch use gloo on CPU machines
@@ -152,8 +187,12 @@ class TrainingRun:
         self.main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.run_dir = check_run_dir(config.out, resume)
+        check_writable(self.run_dir)
+        self._lock = lock_run_dir(self.run_dir) if self.main and self.run_dir.is_dir() else None
+        self.resume_from = None
         if resume:
             check_resume_config(self.run_dir, config, allow_changes)
+            self.resume_from = checkpoint.resume_checkpoint(self.run_dir, previous_if_damaged)
         torch.manual_seed(config.seed)
         self.model_path = assets.resolve_model(config.model)
         self.tokenizer = assets.load_tokenizer(self.model_path)
@@ -185,9 +224,10 @@ class TrainingRun:
         self.accelerator.register_for_checkpointing(*state_objects)
         step = 0
         if self.resume:
-            step = checkpoint.load_checkpoint(self.accelerator, checkpoint.latest_checkpoint(self.run_dir), self.model)
+            step = checkpoint.load_checkpoint(self.accelerator, self.resume_from, self.model)
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = self._lock or lock_run_dir(self.run_dir)
             if self.resume:
                 self.metrics.truncate(step)
             save_config(self.config, self.run_dir / CONFIG_FILE)

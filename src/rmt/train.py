@@ -25,7 +25,7 @@ from rmt.grpo import ADVANTAGES, PackedBackend, PerRolloutBackend, UpdateSetting
 from rmt.prompts import PromptBuilder
 from rmt.rewards import NextToken, RewardContext, build_reward, extract_prediction
 from rmt.rollout import RolloutEngine, RolloutSettings, rollout_positions
-from rmt.runs import DataOrder, TrainingRun, add_resume_arguments, config_for, rollout_seed
+from rmt.runs import DataOrder, TrainingRun, check_run_dir, add_resume_arguments, config_for, rollout_seed
 from rmt.scored import load_scored, ntp_target_mask
 
 FLAGS = (
@@ -40,13 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    train(config_for(args, TrainConfig, FLAGS), resume=args.resume, allow_changes=args.allow_changes)
+    train(config_for(args, TrainConfig, FLAGS), resume=args.resume, allow_changes=args.allow_changes,
+          previous_if_damaged=args.from_previous_checkpoint)
     return 0
 
 
-def train(config: TrainConfig, resume: bool = False, reward=None, allow_changes: bool = False) -> Path:
+def train(config: TrainConfig, resume: bool = False, reward=None, allow_changes: bool = False,
+          previous_if_damaged: bool = False) -> Path:
     """Run (or resume) one mid-training run; `reward` replaces the configured reward object."""
     # ---- build ----------------------------------------------------------------------------------------
+    check_run_dir(config.out, resume)  # the run folder first: a resume of nothing fails at once
     rl = config.rl.enabled
     windows, _ = load_scored(config.data, "midtrain")
     if rl:
@@ -54,7 +57,7 @@ def train(config: TrainConfig, resume: bool = False, reward=None, allow_changes:
         if not windows:
             raise RmtError(f"{config.data}: no position above the entropy floor; nothing for RL to train on")
     trackers = tuple(t for t, on in (("tensorboard", config.log_tensorboard), ("wandb", config.log_wandb)) if on)
-    run = TrainingRun(config, config.optim, resume, trackers, allow_changes)
+    run = TrainingRun(config, config.optim, resume, trackers, allow_changes, previous_if_damaged)
     if config.docs_per_step % run.world:
         raise RmtError(f"docs_per_step={config.docs_per_step} must be divisible by the {run.world} processes")
     tokenizer = run.tokenizer

@@ -37,7 +37,7 @@ from rmt.errors import RmtError
 from rmt.grpo import PackedBackend, Trajectory, UpdateSettings, policy_update
 from rmt.prompts import PromptBuilder
 from rmt.rollout import answer_format_ids
-from rmt.runs import DataOrder, TrainingRun, add_resume_arguments, config_for
+from rmt.runs import DataOrder, TrainingRun, check_run_dir, add_resume_arguments, config_for
 from rmt.scored import load_scored, ntp_target_mask
 
 THOUGHTS = ("tail", "empty")
@@ -95,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    warmup(config_for(args, WarmupConfig, FLAGS), resume=args.resume, allow_changes=args.allow_changes)
+    warmup(config_for(args, WarmupConfig, FLAGS), resume=args.resume, allow_changes=args.allow_changes,
+           previous_if_damaged=args.from_previous_checkpoint)
     return 0
 
 
@@ -107,13 +108,16 @@ def example_response(window_ids, position: int, thought: str, thought_tokens: in
     return restated + close_ids + box_ids + [ids[position]] + end_ids
 
 
-def warmup(config: WarmupConfig, resume: bool = False, allow_changes: bool = False) -> Path:
+def warmup(config: WarmupConfig, resume: bool = False, allow_changes: bool = False,
+           previous_if_damaged: bool = False) -> Path:
     # ---- build ----------------------------------------------------------------------------------------
+    check_run_dir(config.out, resume)  # the run folder first: a resume of nothing fails at once
     windows, _ = load_scored(config.data, "midtrain")  # never the eval split
     windows = [w for w in windows if (w.band >= EASY).any()]
     if not windows:
         raise RmtError(f"{config.data}: no midtrain position above the entropy floor to learn from")
-    run = TrainingRun(config, config.optim, resume, allow_changes=allow_changes)
+    run = TrainingRun(config, config.optim, resume, allow_changes=allow_changes,
+                      previous_if_damaged=previous_if_damaged)
     if config.docs_per_step % run.world:
         raise RmtError(f"docs_per_step={config.docs_per_step} must be divisible by the {run.world} processes")
     prompt = PromptBuilder(run.tokenizer, config.prompt_style, prefill_think=True)
