@@ -125,6 +125,7 @@ class RewardConfig:
 
 
 PROMPT_STYLES = ("auto", "chat", "plain", "raw")
+ENGINES = ("rmt", "vllm")
 
 
 @dataclass
@@ -158,9 +159,18 @@ class RolloutConfig:
     shared_prefix: bool = True
     """Encode each document's prompt prefix once and decode all its positions' rollouts from that cache
     (false: one full prompt per rollout, the reference path)."""
+    engine: str = "rmt"
+    """rmt (the built-in batched sampler with its shared-prefix cache) or vllm (pip install 'rmt[vllm]': one
+    colocated vLLM engine per process, automatic prefix caching, weights pushed after every optimizer step)."""
+    vllm_gpu_memory: float = 0.3
+    """vllm: share of the GPU's memory the engine may take (the rest is training's)."""
+    vllm_sleep: bool = False
+    """vllm: release the engine's GPU memory while the policy trains (sleep mode; not on CPU)."""
 
     def __post_init__(self):
         check([
+            (self.engine in ENGINES, f"rollout.engine must be one of {', '.join(ENGINES)}, got '{self.engine}'"),
+            (0 < self.vllm_gpu_memory < 1, "rollout.vllm_gpu_memory must be in (0, 1)"),
             (self.group_size >= 2, "rollout.group_size must be at least 2 (GRPO compares within a group)"),
             (self.positions_per_doc >= 1, "rollout.positions_per_doc must be at least 1"),
             (self.temperature > 0, f"rollout.temperature must be > 0, got {self.temperature}"),

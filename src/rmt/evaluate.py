@@ -35,14 +35,14 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from rmt import assets
-from rmt.config import Flag, PROMPT_STYLES, add_config_arguments, check, comma_list, config_from_args
+from rmt.config import ENGINES, Flag, PROMPT_STYLES, add_config_arguments, check, comma_list, config_from_args
 from rmt.difficulty import BAND_NAMES, nested_split_masks
 from rmt.errors import RmtError
 from rmt.forward import document_logits
 from rmt.io import read_json, write_json_atomic
 from rmt.prompts import PromptBuilder
 from rmt.rewards import ExactMatch, NextToken, PrefixMatch, extract_prediction
-from rmt.rollout import RolloutEngine, RolloutSettings, document_prompts
+from rmt.rollout import RolloutSettings, document_prompts, make_engine
 from rmt.scored import ScoredWindow, load_scored, read_meta
 from rmt.stats import mean_interval, split_intervals
 
@@ -70,6 +70,8 @@ class EvalSettings:
     """Sequences per generation batch (NTR); windows per forward are a quarter of it (NTP)."""
     prompt_style: str = "auto"
     """auto | chat | plain | raw (see `rmt.prompts.PromptBuilder`)."""
+    engine: str = "rmt"
+    """NTR rollouts: rmt (built-in) or vllm (see the rollout config's engine)."""
     split: str = "eval"
     """Scored split to evaluate: eval (held out from mid-training); posttrain (also never mid-trained on: a
     development set to tune on, keeping eval for the final numbers); or all -- every scored split, for a
@@ -77,6 +79,7 @@ class EvalSettings:
 
     def __post_init__(self):
         check([
+            (self.engine in ENGINES, f"engine must be one of {', '.join(ENGINES)}, got '{self.engine}'"),
             (self.split in ("eval", "posttrain", "all"), f"split must be eval, posttrain or all, got '{self.split}'"),
             (self.budget is None or self.budget >= 1, f"budget must be >= 1 or null, got {self.budget}"),
             (self.max_reasoning_tokens >= 1, f"max_reasoning_tokens must be >= 1, got {self.max_reasoning_tokens}"),
@@ -221,11 +224,11 @@ def evaluate_ntr(model, tokenizer, windows: list[ScoredWindow], sample: list[Pos
     Positions of one window share its prompt prefix, encoded once (`RolloutEngine.generate_shared`).
     Returns {sample index: record} for the positions of this process's batches (`shard` = (rank, world))."""
     builder = PromptBuilder(tokenizer, settings.prompt_style, prefill_think=True)
-    engine = RolloutEngine(model, tokenizer, RolloutSettings(
+    engine = make_engine(model, tokenizer, RolloutSettings(
         max_reasoning_tokens=settings.reasoning_cap, answer_tokens=settings.answer_tokens,
         temperature=0.0,  # greedy: the result does not depend on a sampling seed
         force_answer=settings.force_answer, batch_size=settings.batch_size,
-    ))
+    ), settings.engine)
     exact, prefix = ExactMatch(tokenizer), PrefixMatch(tokenizer)
     pre, post = builder.parts(settings.budget)
     by_window: dict[int, list[int]] = {}

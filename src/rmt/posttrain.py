@@ -32,7 +32,7 @@ from rmt.grpo import ADVANTAGES, PerRolloutBackend, UpdateSettings, make_traject
 from rmt.io import read_json, write_json_atomic
 from rmt.mathdata import MATH_INSTRUCTION, MathQuestion, QuestionPrompt, check_disjoint, load_math_data
 from rmt.rewards import MathAnswer, RewardContext, extract_prediction, import_reward
-from rmt.rollout import RolloutEngine, RolloutSettings
+from rmt.rollout import RolloutEngine, RolloutSettings, engine_options, make_engine
 from rmt.runs import DataOrder, TrainingRun, check_run_dir, add_resume_arguments, config_for, rollout_seed
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "posttrain.yaml"
@@ -182,10 +182,11 @@ def posttrain(config: PostTrainConfig, resume: bool = False, reward=None, allow_
     tokenizer = run.tokenizer
     prompt = QuestionPrompt(tokenizer, config.rollout.prompt_style, config.rollout.prefill_think, config.instruction)
     eval_settings = evaluation_settings(config)
-    engine = RolloutEngine(run.policy, tokenizer, RolloutSettings(
+    engine = make_engine(run.policy, tokenizer, RolloutSettings(
         max_reasoning_tokens=config.max_reasoning_tokens, answer_tokens=config.rollout.answer_tokens,
         temperature=config.rollout.temperature, top_p=config.rollout.top_p,
-        force_answer=config.rollout.force_answer, batch_size=config.rollout.batch_size))
+        force_answer=config.rollout.force_answer, batch_size=config.rollout.batch_size),
+        config.rollout.engine, **engine_options(config.rollout))
     reward = reward or (import_reward(config.reward) if ":" in config.reward else MathAnswer())
     update = UpdateSettings(clip_eps=config.rl.clip_eps, kl_coef=config.rl.kl_coef,
                             micro_batch=config.optim.micro_batch)
@@ -251,6 +252,7 @@ def posttrain(config: PostTrainConfig, resume: bool = False, reward=None, allow_
                                backward=run.backward, global_sum=run.global_sum, global_max=run.global_max,
                                autocast=run.accelerator.autocast)
         grad_norm = run.optimizer_step()
+        engine.sync_weights()
         t_train = time.perf_counter() - t1
 
         # ---- log, checkpoint --------------------------------------------------------------------------

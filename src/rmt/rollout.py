@@ -76,6 +76,23 @@ def document_prompts(pre: list[int], window_ids, positions, post: list[int]) -> 
     return SharedPrompts(list(pre) + context, [len(pre) + t for t in positions], list(post))
 
 
+def make_engine(model, tokenizer, settings: RolloutSettings, engine: str = "rmt", **options):
+    """The rollout engine a config names: `rmt` (`RolloutEngine`) or `vllm` (`rmt.vllm_engine.VLLMEngine`,
+    an optional dependency). Both take the same calls and give the same `Rollout` records."""
+    if engine == "vllm":
+        from rmt.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model, tokenizer, settings, **options)
+    return RolloutEngine(model, tokenizer, settings)
+
+
+def engine_options(rollout_config) -> dict:
+    """The engine-specific options of a `RolloutConfig` (none for the built-in engine)."""
+    if rollout_config.engine != "vllm":
+        return {}
+    return {"gpu_memory": rollout_config.vllm_gpu_memory, "sleep": rollout_config.vllm_sleep}
+
+
 def rollout_positions(engine: "RolloutEngine", pre: list[int], post: list[int], windows, positions, copies: int,
                       seeds: list[int], max_reasoning_tokens: int, shared_prefix: bool = True) -> list[Rollout]:
     """`copies` rollouts of the prompt `pre + window[:t] + post` for every position t of every window, in that
@@ -130,6 +147,10 @@ class RolloutEngine:
         self.close_ids, self.box_ids, _ = answer_format_ids(tokenizer)
         self.eos_ids = set(_as_list(tokenizer.eos_token_id)) | set(_as_list(model.generation_config.eos_token_id))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+
+    def sync_weights(self) -> None:
+        """Called after every optimizer step: this engine samples from the live policy, so nothing to do (an
+        engine holding its own copy of the weights, like vLLM's, reloads them here)."""
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], seeds: list[int] | None = None,

@@ -24,7 +24,7 @@ from rmt.errors import RmtError
 from rmt.grpo import ADVANTAGES, PackedBackend, PerRolloutBackend, UpdateSettings, make_trajectories, policy_update
 from rmt.prompts import PromptBuilder
 from rmt.rewards import NextToken, RewardContext, build_reward, extract_prediction
-from rmt.rollout import RolloutEngine, RolloutSettings, rollout_positions
+from rmt.rollout import RolloutSettings, engine_options, make_engine, rollout_positions
 from rmt.runs import DataOrder, TrainingRun, check_run_dir, add_resume_arguments, config_for, rollout_seed
 from rmt.scored import load_scored, ntp_target_mask
 
@@ -63,9 +63,9 @@ def train(config: TrainConfig, resume: bool = False, reward=None, allow_changes:
     tokenizer = run.tokenizer
     prompt = PromptBuilder(tokenizer, config.rollout.prompt_style, config.rollout.prefill_think)
     r = config.rollout
-    engine = RolloutEngine(run.policy, tokenizer, RolloutSettings(
+    engine = make_engine(run.policy, tokenizer, RolloutSettings(
         answer_tokens=r.answer_tokens, temperature=r.temperature, top_p=r.top_p, force_answer=r.force_answer,
-        batch_size=r.batch_size, answer=r.answer))
+        batch_size=r.batch_size, answer=r.answer), r.engine, **engine_options(r))
     reward = reward or build_reward(config.reward, tokenizer, run.policy)
     advantages_of = ADVANTAGES[config.rl.advantage]
     update = UpdateSettings(clip_eps=config.rl.clip_eps, kl_coef=config.rl.kl_coef, ntp_weight=config.ntp.weight,
@@ -136,6 +136,7 @@ def train(config: TrainConfig, resume: bool = False, reward=None, allow_changes:
         chunks = losses.pop("chunks")
         m.update(update_chunks_min=chunks, update_chunks_max=chunks)  # forwards per process: its share of work
         grad_norm = run.optimizer_step()
+        engine.sync_weights()
         if hasattr(reward, "after_step"):
             reward.after_step(run.policy)
         t_train = time.perf_counter() - t1
