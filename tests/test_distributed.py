@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from helpers import subprocess_env
@@ -171,3 +172,27 @@ def test_two_processes_with_unequal_work_finish_and_match_one_process(tiny_model
     w2 = load_file(latest_checkpoint(tmp_path / "two") / "model.safetensors")
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-4)
+
+
+def test_fsdp2_generation_gathers_weights_once_whatever_each_process_decodes(tiny_model_dir, tmp_path):
+    """Under FSDP2 (torch's fully_shard; it runs on CPU with gloo), processes that decode different numbers
+    of prompts and tokens finish (a per-token weight gather would hang them), and their greedy rollouts are
+    the unsharded model's."""
+    from rmt import assets
+    from rmt.prompts import PromptBuilder
+    from rmt.rollout import RolloutEngine, RolloutSettings
+
+    script = Path(__file__).parent / "scripts" / "fsdp2_generation.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script), str(tiny_model_dir),
+           str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokenizer = assets.load_tokenizer(str(tiny_model_dir))
+    model = assets.load_model(str(tiny_model_dir)).eval()
+    builder = PromptBuilder(tokenizer)
+    ids = tokenizer("Tom has 12 apples and buys 4 more. How many apples now?", add_special_tokens=False)["input_ids"]
+    for rank, (positions, cap) in enumerate((([5], 2), ([5, 8, 11], 6))):
+        engine = RolloutEngine(model, tokenizer, RolloutSettings(max_reasoning_tokens=cap, answer_tokens=3,
+                                                                 temperature=0.0))
+        expected = [r.response_ids for r in engine.generate([builder.prompt_ids(ids, t, 3) for t in positions])]
+        assert json.loads((tmp_path / f"rank-{rank}.json").read_text()) == expected

@@ -33,7 +33,8 @@ from rmt.io import read_json, write_json_atomic
 from rmt.mathdata import MATH_INSTRUCTION, MathQuestion, QuestionPrompt, check_disjoint, load_math_data
 from rmt.rewards import MathAnswer, RewardContext, extract_prediction, import_reward
 from rmt.rollout import RolloutEngine, RolloutSettings, engine_options, make_engine
-from rmt.runs import DataOrder, TrainingRun, check_run_dir, add_resume_arguments, config_for, rollout_seed
+from rmt.runs import (DataOrder, TrainingRun, add_resume_arguments, check_run_dir, config_for, gathered_weights,
+                      rollout_seed)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "posttrain.yaml"
 EVAL_FILE = "posttrain_eval.json"
@@ -153,7 +154,8 @@ def evaluate_math(model, tokenizer, questions: list[MathQuestion], settings: Rol
 def _evaluate(run: TrainingRun, model, questions, settings, prompt, phase) -> dict:
     """evaluate_math over all processes (each takes every world-th question); samples go to a file."""
     t0 = time.perf_counter()
-    result = evaluate_math(model, run.tokenizer, questions[run.rank :: run.world], settings, prompt)
+    with gathered_weights(run.model if model is run.policy else model):  # processes answer unequal shares
+        result = evaluate_math(model, run.tokenizer, questions[run.rank :: run.world], settings, prompt)
     samples, n_local = result.pop("samples"), result["n"]
     n = int(run.global_sum(n_local))
     out = {k: run.global_sum(v * n_local) / max(n, 1) for k, v in result.items() if k != "n"}
@@ -221,7 +223,7 @@ def posttrain(config: PostTrainConfig, resume: bool = False, reward=None, allow_
         prompts = [ids for q in questions for ids in [prompt.ids(q.question)] * G]
         seeds = [rollout_seed(config.seed, step, first + i, g) for i in range(len(questions)) for g in range(G)]
         run.policy.eval()
-        with run.accelerator.autocast():
+        with gathered_weights(run.model), run.accelerator.autocast():
             rollouts = engine.generate(prompts, seeds)
         run.policy.train()
         t_rollout = time.perf_counter() - t0

@@ -164,6 +164,47 @@ def check_writable(run_dir: Path) -> None:
         raise RmtError(f"{target} is not writable; choose another --out")
 
 
+@contextlib.contextmanager
+def gathered_weights(model):
+    """Full weights on every process for the length of the block: generation (and other no-grad forwards,
+    e.g. RLP's reward) under a sharded engine.
+
+    Under FSDP2 every forward of a sharded module gathers its weights (a collective) and frees them again:
+    decoding token by token would gather all the weights for every token, and processes that decode
+    different numbers of tokens would wait on each other forever. Here every process gathers each sharded
+    module's weights once, in the same order, keeps them through any number of forwards, and frees them at
+    the end. FSDP1 and DeepSpeed ZeRO-3 have their own context for the same thing; DDP and one process
+    need nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if sharded:
+        for m in sharded:
+            m.set_reshard_after_forward(False)
+        for m in sharded:
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in sharded:
+                m.reshard()
+                m.set_reshard_after_forward(True)
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+
+    if any(isinstance(m, FSDP1) for m in model.modules()):
+        with FSDP1.summon_full_params(model, writeback=False, recurse=True):
+            yield
+        return
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 partitioned parameters
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield
+        return
+    yield
+
+
 def rollout_seed(*parts: int) -> int:
     """A seed from integers (run seed, step, item, member ...): each rollout samples from its own."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])

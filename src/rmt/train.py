@@ -25,7 +25,8 @@ from rmt.grpo import ADVANTAGES, PackedBackend, PerRolloutBackend, UpdateSetting
 from rmt.prompts import PromptBuilder
 from rmt.rewards import NextToken, RewardContext, build_reward, extract_prediction
 from rmt.rollout import RolloutSettings, engine_options, make_engine, rollout_positions
-from rmt.runs import DataOrder, TrainingRun, check_run_dir, add_resume_arguments, config_for, rollout_seed
+from rmt.runs import (DataOrder, TrainingRun, add_resume_arguments, check_run_dir, config_for, gathered_weights,
+                      rollout_seed)
 from rmt.scored import load_scored, ntp_target_mask
 
 FLAGS = (
@@ -104,7 +105,7 @@ def train(config: TrainConfig, resume: bool = False, reward=None, allow_changes:
             t1 = time.perf_counter()
             seeds = [rollout_seed(config.seed, step, first + d, t, g) for d, t in where for g in range(G)]
             run.policy.eval()
-            with run.accelerator.autocast():
+            with gathered_weights(run.model), run.accelerator.autocast():
                 rollouts = rollout_positions(engine, pre, post, [d.input_ids for d in docs], positions, G, seeds,
                                              cap, config.rollout.shared_prefix)
             run.policy.train()
@@ -113,7 +114,8 @@ def train(config: TrainConfig, resume: bool = False, reward=None, allow_changes:
             # ---- rewards and group advantages (SPEC §4, §6; §13 for RLP) ------------------------------
             t1 = time.perf_counter()
             tasks = [NextToken(docs[d].input_ids, t) for d, t in where for _ in range(G)]
-            scores = reward(rollouts, tasks, RewardContext(step, T, budget))
+            with gathered_weights(run.model):  # a reward may run the policy (RLP)
+                scores = reward(rollouts, tasks, RewardContext(step, T, budget))
             rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32).view(-1, G)
             advantages, zero_std = advantages_of(rewards, config.rl.adv_eps)
             trajectories = make_trajectories(rollouts, scores, advantages, where, config.rl.loss_tokens)

@@ -9,11 +9,12 @@ format on `midtrain` positions, with the true next token as the answer:
 and trains on those responses with the negative log-likelihood (`grpo.policy_update` with
 `objective="nll"`), plus λ·NTP over the same documents so that ordinary language modelling is kept.
 
-The thought is chosen by measurement (README, "The cold start"): `tail` restates the last
-`thought_tokens` tokens of the context -- the reasoning step that carries the end of the text across the
-prompt's closing template to the box, so the model's own next-token skill applies right after it --
-and `empty` writes none. The answer is the target token's id itself, so a warmed model's boxed answer is
-its next-token prediction through the format. Each document's prompt names a budget drawn from
+The thought is chosen by measurement (README, "The cold start"): `empty` writes none -- `</think>` at once,
+then the box -- and `tail` restates the last `thought_tokens` tokens of the context, a reasoning step meant
+to carry the end of the text across the prompt's closing template to the box. On the embedded model the
+empty thought learned faster and kept more of the plain next-token skill, so it is the default. The answer
+is the target token's id itself, so a warmed model's boxed answer is its next-token prediction through the
+format; RL then decides how long the reasoning before it should be. Each document's prompt names a budget drawn from
 `budgets`, so the warmed model follows any budget that RL will name later.
 
 It reads the scored dataset's `midtrain` split only: evaluation text is never seen (tested). It writes a
@@ -37,7 +38,7 @@ from rmt.errors import RmtError
 from rmt.grpo import PackedBackend, Trajectory, UpdateSettings, policy_update
 from rmt.prompts import PromptBuilder
 from rmt.rollout import answer_format_ids
-from rmt.runs import DataOrder, TrainingRun, check_run_dir, add_resume_arguments, config_for
+from rmt.runs import DataOrder, TrainingRun, add_resume_arguments, check_run_dir, config_for
 from rmt.scored import load_scored, ntp_target_mask
 
 THOUGHTS = ("tail", "empty")
@@ -57,8 +58,9 @@ class WarmupConfig(RunConfig):
     """Documents per step (divisible by the number of processes)."""
     positions_per_doc: int = 16
     """Examples per document: positions drawn uniformly above the entropy floor."""
-    thought: str = "tail"
-    """tail: the thought restates the last `thought_tokens` tokens of the context; empty: no thought."""
+    thought: str = "empty"
+    """empty: no thought, `</think>` at once (measured best, README "The cold start"); tail: the thought
+    restates the last `thought_tokens` tokens of the context."""
     thought_tokens: int = 4
     """Tokens of the context the `tail` thought restates."""
     budgets: list[int | None] = field(default_factory=lambda: [None, 4, 8, 16, 32])
