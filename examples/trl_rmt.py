@@ -46,7 +46,7 @@ def main(argv=None) -> Path:
         lr_scheduler_type="constant", num_generations=args.group_size,
         per_device_train_batch_size=prompts.prompts_per_step * args.group_size,  # one step = one block of prompts
         shuffle_dataset=False, max_completion_length=2 * args.b0 + 32, beta=0.0,
-        bf16=torch.cuda.is_available(), gradient_checkpointing=False,
+        bf16=torch.cuda.is_available(), activation_checkpointing=False,
         logging_steps=1, save_strategy="no", report_to="none",
     )
     trainer = RMTGRPOTrainer(model=model, reward_funcs=reward, args=config, prompts=prompts,
@@ -54,7 +54,7 @@ def main(argv=None) -> Path:
     trainer.train()
     out = Path(args.out)
     with open(out / "metrics.jsonl", "w") as f:  # one line per step, as `rmt train` writes
-        f.writelines(json.dumps(record) + "\n" for record in trainer.state.log_history)
+        f.writelines(json.dumps(r) + "\n" for r in trainer.state.log_history if "loss" in r)
     return out
 
 

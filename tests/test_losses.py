@@ -139,3 +139,26 @@ def test_ntp_loss_empty_mask_is_zero():
 
 def test_dual_objective():
     assert dual_objective(torch.tensor(1.0), torch.tensor(2.0), ntp_weight=0.1).item() == pytest.approx(1.2)
+
+
+def test_chunked_logprobs_and_ntp_loss_equal_the_whole_computation(monkeypatch):
+    """Long sequences are upcast in chunks of rows, recomputed in the backward pass: same values, same grads."""
+    import rmt.losses as losses
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 9, 50, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 9))
+    mask = torch.ones(2, 9)
+    mask[1, 4] = 0
+
+    def run():
+        logits.grad = None
+        value = losses.token_logprobs(logits, targets).sum() + ntp_loss(logits, targets, mask)
+        value.backward()
+        return value.detach(), logits.grad.clone()
+
+    whole = run()
+    monkeypatch.setattr(losses, "ROWS_PER_CHUNK", 4)  # 18 rows: 5 chunks
+    chunked = run()
+    torch.testing.assert_close(chunked[0], whole[0])
+    torch.testing.assert_close(chunked[1], whole[1])

@@ -163,3 +163,21 @@ def test_resume_continues_the_run_as_it_was(tiny_model_dir, tiny_scored_dir, tmp
     assert main(["train", "--resume", "--out", str(run), "keep_last=3"]) == 0  # same run, more checkpoints kept
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
     assert yaml.safe_load((run / "config.yaml").read_text())["method"] == "rpt"
+
+
+def test_bf16_export_halves_the_weights_and_resume_stays_exact(tiny_model_dir, tiny_scored_dir, tmp_path):
+    """export_dtype=bfloat16: the Hugging Face weights are bf16, the exact fp32 weights stay in trainer_state/,
+    and a resumed run equals the uninterrupted one."""
+    overrides = [f"model={tiny_model_dir}", f"data={tiny_scored_dir}", "steps=4", "docs_per_step=2",
+                 "rollout.group_size=2", "rollout.positions_per_doc=2", "budget.b0=6", "optim.lr=1e-3",
+                 "save_every=2", "keep_last=2", "export_dtype=bfloat16"]
+    reference = train(load_config(None, overrides + [f"out={tmp_path / 'ref'}"]))
+    weights = load_file(latest_checkpoint(reference) / "model.safetensors")
+    assert all(v.dtype == torch.bfloat16 for v in weights.values())
+    cut = tmp_path / "cut"
+    shutil.copytree(reference, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-000004")
+    assert main(["train", "--resume", "--out", str(cut)]) == 0
+    one, two = read_metrics(reference), read_metrics(cut)
+    for a, b in zip(one, two):
+        assert_same_record(a, b, skip=TIMING)

@@ -166,6 +166,11 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
+def inference_dtype() -> torch.dtype:
+    """bf16 on a GPU, fp32 on a CPU (no fast bf16 there): for no-grad work, scoring and evaluation."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
 def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
     """A causal LM (any form `resolve_model` takes), with SDPA attention (packed forwards need it)."""
     from transformers import AutoModelForCausalLM

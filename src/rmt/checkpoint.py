@@ -2,9 +2,10 @@
 
 `RUN/checkpoints/step-000050/` holds `model.safetensors`, `config.json` and the tokenizer files (load it
 with `AutoModelForCausalLM.from_pretrained`), `trainer_state/` (optimizer, scheduler, random states and
-the sampler and data order, written by `accelerate`, so sharded FSDP/DeepSpeed states work too) and
-`trainer_state.json`. Unsharded runs keep the weights once, in the Hugging Face files; FSDP/DeepSpeed
-runs also keep accelerate's sharded copy, which is what resumes them. A checkpoint is written under a temporary name and renamed into place, so the
+the sampler and data order, written by `accelerate`, so sharded FSDP states work too) and
+`trainer_state.json`. Unsharded runs keep the weights once, in the Hugging Face files (unless those are
+exported in a lower precision, `export_dtype`); FSDP runs also keep accelerate's sharded copy, which is what
+resumes them. A checkpoint is written under a temporary name and renamed into place, so the
 latest complete checkpoint is always whole; only the newest `keep_last` are kept.
 """
 
@@ -46,17 +47,23 @@ def checkpoint_step(path: Path | None) -> int:
     return json.loads((path / "trainer_state.json").read_text())["step"] if path else 0
 
 
-def save_checkpoint(accelerator, run_dir, step: int, model, tokenizer, info: dict, keep_last: int) -> Path:
-    """Every process calls this; the model is consolidated and written once."""
+def save_checkpoint(accelerator, run_dir, step: int, model, tokenizer, info: dict, keep_last: int,
+                    export_dtype=None) -> Path:
+    """Every process calls this; the model is consolidated and written once. `export_dtype` (e.g.
+    torch.bfloat16) casts the Hugging Face files' weights; the exact weights then stay in trainer_state/."""
     target = checkpoint_dir(run_dir, step)
     tmp = target.with_name(f".{target.name}.tmp")
     state_dict = accelerator.get_state_dict(model)
+    lossy = export_dtype is not None and any(v.is_floating_point() and v.dtype != export_dtype
+                                             for v in state_dict.values())
+    if lossy:
+        state_dict = {k: v.to(export_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     skip_weights = None
-    if not _sharded(accelerator):  # the Hugging Face files below hold the weights already
+    if not _sharded(accelerator) and not lossy:  # the Hugging Face files below hold the exact weights already
         skip_weights = accelerator.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
     accelerator.save_state(str(tmp / "trainer_state"))
     if skip_weights is not None:
@@ -139,7 +146,7 @@ def resume_checkpoint(run_dir: str | Path, previous_if_damaged: bool = False) ->
 def load_checkpoint(accelerator, path: Path, model) -> int:
     """Restore model, optimizer, scheduler, random states and registered objects; returns the step."""
     try:
-        if _sharded(accelerator):
+        if _sharded(accelerator) or _has_exact_weights(path / "trainer_state"):
             accelerator.load_state(str(path / "trainer_state"))
         else:
             hook = accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
@@ -153,8 +160,13 @@ def load_checkpoint(accelerator, path: Path, model) -> int:
     return checkpoint_step(path)
 
 
+def _has_exact_weights(state: Path) -> bool:
+    """accelerate wrote the model itself into trainer_state/ (the Hugging Face files are a lower precision)."""
+    return any(state.glob("model*.safetensors")) or any(state.glob("pytorch_model*.bin"))
+
+
 def _sharded(accelerator) -> bool:
-    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def _load_hf_weights(model, folder: Path) -> None:

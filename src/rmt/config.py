@@ -276,12 +276,19 @@ class RunConfig:
     keep_last: int = 2
     """Checkpoints kept."""
     dtype: str = "auto"
-    """auto (bf16 autocast on GPU, fp32 on CPU), float32 or bfloat16."""
+    """auto: fp32 parameters (the master copy, sharded under FSDP) with bf16 compute on GPUs, fp32 on CPUs;
+    float32: fp32 everywhere; bfloat16: bf16 parameters, gradients and optimizer state -- half the memory,
+    but updates smaller than bf16's resolution (~1/256 of a weight) are lost: a last resort where fp32
+    does not fit, FSDP first."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (large models)."""
+    export_dtype: str = "float32"
+    """Precision of the Hugging Face weights in each checkpoint: float32, or bfloat16 (half the size; the
+    exact weights for resuming are then kept in the checkpoint's trainer_state/)."""
 
     def __post_init__(self):
         check([
+            (self.export_dtype in ("float32", "bfloat16"), "export_dtype must be float32 or bfloat16"),
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.save_every >= 1 and self.keep_last >= 1, "save_every and keep_last must be >= 1"),
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'"),

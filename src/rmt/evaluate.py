@@ -306,7 +306,7 @@ def evaluate(model: str, data: str | Path, modes=MODES, budget: int | None = 16,
     progress = progress and state.is_main_process
     checkpoint = assets.resolve_model(str(model))
     tokenizer = assets.load_tokenizer(checkpoint)
-    net = assets.load_model(checkpoint).eval().to(state.device)
+    net = assets.load_model(checkpoint, assets.inference_dtype()).eval().to(state.device)
 
     result = {
         "model": str(model),

@@ -77,14 +77,36 @@ def grpo_loss(
     return loss, stats
 
 
+ROWS_PER_CHUNK = 1024  # logit rows upcast to float32 at a time (1024 x 152k vocabulary = 0.6 GB)
+
+
+def _chunked(fn, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`fn(logits_rows, targets_rows)` over [N, V] logits in chunks of rows. With gradients, each chunk is
+    recomputed in the backward pass instead of keeping its float32 softmax: memory grows with the chunk,
+    not with N (long packs and large vocabularies), and the values are the same."""
+    if logits.shape[0] <= ROWS_PER_CHUNK:
+        return fn(logits, targets)
+    parts = []
+    for i in range(0, logits.shape[0], ROWS_PER_CHUNK):
+        rows, t = logits[i : i + ROWS_PER_CHUNK], targets[i : i + ROWS_PER_CHUNK]
+        parts.append(torch.utils.checkpoint.checkpoint(fn, rows, t, use_reentrant=False)
+                     if rows.requires_grad else fn(rows, t))
+    return torch.cat(parts)
+
+
+def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``log p(target)`` at each position, in float32: ``log_softmax(logits)[…, target]``.
 
     ``logits`` is [..., V] and ``targets`` [...], already aligned (the logits at i scoring token i+1
-    are the caller's shift).
+    are the caller's shift). Computed in chunks of rows (`_chunked`), so the float32 copy of a long
+    sequence's logits never exists whole.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    shape = targets.shape
+    return _chunked(_gather_logprobs, logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).view(shape)
 
 
 def ntp_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -99,10 +121,9 @@ def ntp_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Ten
     # Shift the targets rather than the logits, so the logits are viewed, not copied.
     targets = torch.full_like(input_ids, -100)
     targets[:, :-1] = input_ids[:, 1:].masked_fill(~mask[:, 1:], -100)
-    total = F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
-    )
-    return total / mask[:, 1:].sum().clamp(min=1)
+    per_token = _chunked(lambda rows, t: F.cross_entropy(rows.float(), t, ignore_index=-100, reduction="none"),
+                         logits.flatten(0, 1), targets.flatten())
+    return per_token.sum() / mask[:, 1:].sum().clamp(min=1)
 
 
 def dual_objective(loss_rl, loss_ntp, ntp_weight: float):

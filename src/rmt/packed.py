@@ -59,12 +59,14 @@ class Pack:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def attention_mask(self) -> torch.Tensor:
-        """[1, 1, L, L] boolean, True where a query (row) may attend to a key (column)."""
-        index = torch.arange(len(self))
+    def attention_mask(self, device=None) -> torch.Tensor:
+        """[1, 1, L, L] boolean, True where a query (row) may attend to a key (column); built on `device`
+        (an L×L mask is large: it is not built on the host and copied)."""
+        index = torch.arange(len(self), device=device)
+        segments, view = self.segments.to(device), self.trunk_view.to(device)
         causal = index[None, :] <= index[:, None]
-        same = self.segments[:, None] == self.segments[None, :]
-        trunk = (self.segments == TRUNK)[None, :] & ((index - self.window_len)[None, :] < self.trunk_view[:, None])
+        same = segments[:, None] == segments[None, :]
+        trunk = (segments == TRUNK)[None, :] & ((index - self.window_len)[None, :] < view[:, None])
         return (causal & (same | trunk))[None, None]
 
 
@@ -164,7 +166,7 @@ def packed_forward(model, pack: Pack) -> PackedOutput:
     ids = pack.input_ids.to(device)
     logits = model(
         input_ids=ids[None], position_ids=pack.position_ids.to(device)[None],
-        attention_mask=pack.attention_mask().to(device), logits_to_keep=keep,
+        attention_mask=pack.attention_mask(device), logits_to_keep=keep,
     ).logits[0]
     n = pack.window_len
     flat = token_logprobs(logits[n:], ids[pack.response_logit_index.to(device) + 1])

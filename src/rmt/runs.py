@@ -6,8 +6,9 @@ optimizer, writes the step's metrics record and checkpoints, and resumes all of 
 then only its own loop: what to sample, how to score it, which loss.
 
 Runs work as one process or under `accelerate launch` / `torchrun`: each process gets its share of the
-step's work (`share`), gradients are reduced by the engine (DDP, FSDP or DeepSpeed through accelerate), and
-metrics and checkpoints are written once, by the main process.
+step's work (`share`), gradients are reduced by the engine (DDP or FSDP through accelerate), and metrics and
+checkpoints are written once, by the main process. DeepSpeed is refused: its engine steps the optimizer after
+a fixed number of backward passes, and a step here has as many as its packs.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def check_run_dir(out: str | Path, resume: bool) -> Path:
 # Settings a resumed run may change: they affect speed, memory, logging or what is kept, not the results
 # (beyond float rounding).
 RESUME_MAY_CHANGE = ("out", "save_every", "keep_last", "log_tensorboard", "log_wandb", "gradient_checkpointing",
-                     "rollout.batch_size", "optim.micro_batch", "optim.pack_tokens")
+                     "export_dtype", "rollout.batch_size", "optim.micro_batch", "optim.pack_tokens")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -173,8 +174,7 @@ def gathered_weights(model):
     decoding token by token would gather all the weights for every token, and processes that decode
     different numbers of tokens would wait on each other forever. Here every process gathers each sharded
     module's weights once, in the same order, keeps them through any number of forwards, and frees them at
-    the end. FSDP1 and DeepSpeed ZeRO-3 have their own context for the same thing; DDP and one process
-    need nothing."""
+    the end. FSDP1 has its own context for the same thing; DDP and one process need nothing."""
     from torch.distributed.fsdp import FSDPModule
 
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -196,13 +196,24 @@ def gathered_weights(model):
         with FSDP1.summon_full_params(model, writeback=False, recurse=True):
             yield
         return
-    if any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 partitioned parameters
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            yield
-        return
     yield
+
+
+def warn_if_too_large(config, model_path: str, world: int, distributed_type) -> None:
+    """Print the memory estimate (`rmt.memory`) when it exceeds this GPU's memory, before loading anything."""
+    from accelerate.utils import DistributedType
+    from transformers import AutoConfig
+
+    from rmt.memory import ModelShape, estimate, format_estimate
+
+    if not hasattr(config, "rollout") or not hasattr(config, "budget"):
+        return
+    device_gib = torch.cuda.get_device_properties(0).total_memory / 1024**3
+    parts = estimate(ModelShape.from_config(AutoConfig.from_pretrained(model_path)), config, world,
+                     sharded=distributed_type == DistributedType.FSDP, gpu=True)
+    if parts["total"] > device_gib:
+        print(f"warning: this run may not fit in the GPU's memory (estimate per process, `rmt doctor --memory`):\n"
+              f"{format_estimate(parts, device_gib)}")
 
 
 def rollout_seed(*parts: int) -> int:
@@ -220,11 +231,18 @@ class TrainingRun:
     def __init__(self, config, optim, resume: bool = False, trackers: tuple[str, ...] = (),
                  allow_changes: bool = False, previous_if_damaged: bool = False):
         self.config, self.resume = config, resume
+        gpu = torch.cuda.is_available()
         self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),  # lets torchrun / accelerate launch use gloo on CPU machines
-            mixed_precision="bf16" if config.dtype != "float32" and torch.cuda.is_available() else "no",
+            cpu=not gpu,  # lets torchrun / accelerate launch use gloo on CPU machines
+            # auto: fp32 parameters (the master copy) with bf16 compute on GPUs; bfloat16: bf16 parameters
+            mixed_precision="bf16" if config.dtype == "auto" and gpu else "no",
             log_with=list(trackers) or None, project_dir=config.out,
         )
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise RmtError("DeepSpeed is not supported (it steps after a fixed number of backward passes; a step "
+                           "here has one per pack): use FSDP, e.g. configs/accelerate/fsdp.yaml")
         self.main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.run_dir = check_run_dir(config.out, resume)
@@ -237,7 +255,9 @@ class TrainingRun:
         torch.manual_seed(config.seed)
         self.model_path = assets.resolve_model(config.model)
         self.tokenizer = assets.load_tokenizer(self.model_path)
-        model = assets.load_model(self.model_path)
+        if gpu and self.main:
+            warn_if_too_large(config, self.model_path, self.world, self.accelerator.distributed_type)
+        model = assets.load_model(self.model_path, torch.bfloat16 if config.dtype == "bfloat16" else torch.float32)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
@@ -288,8 +308,10 @@ class TrainingRun:
             self.accelerator.backward(loss * self.world)
 
     def optimizer_step(self) -> float:
-        """Clip, step, schedule, zero; returns the gradient norm before clipping."""
+        """Clip, step, schedule, zero; returns the global gradient norm before clipping."""
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor; its local value would be one shard's norm
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -344,8 +366,9 @@ class TrainingRun:
     def maybe_checkpoint(self, step: int, info: dict) -> None:
         """Checkpoint after `step` steps (1-based) every `save_every` steps and at the end."""
         if step % self.config.save_every == 0 or step == self.config.steps:
+            export = torch.bfloat16 if self.config.export_dtype == "bfloat16" else None
             checkpoint.save_checkpoint(self.accelerator, self.run_dir, step, self.model, self.tokenizer,
-                                       {**info, "total_steps": self.config.steps}, self.config.keep_last)
+                                       {**info, "total_steps": self.config.steps}, self.config.keep_last, export)
 
     def finish(self) -> Path:
         self.accelerator.end_training()

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
-from rmt.assets import EMBEDDED_MODEL, load_model, load_tokenizer
+from rmt.assets import EMBEDDED_MODEL, inference_dtype, load_model, load_tokenizer
 from rmt.corpus import EMBEDDED_CORPUS, SPLITS, Document, load_corpus, split_corpus
 from rmt.difficulty import BAND_NAMES, NO_RL, assign_bands, quantile_thresholds, token_entropy
 from rmt.config import Flag, add_config_arguments, comma_list, config_from_args
@@ -302,7 +302,7 @@ class ScoreReport:
 
 
 def load_proxy(model_name: str, options: ScoreOptions, device):
-    model = load_model(model_name).eval().to(device)
+    model = load_model(model_name, inference_dtype()).eval().to(device)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and options.max_length > max_positions:
         raise RmtError(f"--max-length {options.max_length} exceeds the model's {max_positions} positions")
