@@ -17,7 +17,7 @@ from trl import GRPOConfig  # noqa: E402
 
 from rmt.assets import load_model, load_tokenizer  # noqa: E402
 from rmt.budget import length_reward, token_budget  # noqa: E402
-from rmt.config import BudgetConfig, load_config  # noqa: E402
+from rmt.config import BudgetConfig, CurriculumConfig, load_config  # noqa: E402
 from rmt.difficulty import BAND_NAMES, EASY  # noqa: E402
 from rmt.errors import RmtError  # noqa: E402
 from rmt.integrations.trl import (NextTokenPrompts, NextTokenReward, RMTGRPOTrainer,  # noqa: E402
@@ -118,12 +118,13 @@ def test_stream_keeps_a_fixed_number_of_prompts_per_step(tiny_model_dir, tiny_sc
 # ---- the reward functions return what rmt's reward objects return -----------------------------------------
 
 
-def call_reward(function, rollouts, tasks, step, total, budget, log=None):
+def call_reward(function, rollouts, tasks, step, total, budget):
     return function(
         prompts=[""] * len(rollouts), completions=[""] * len(rollouts),
-        completion_ids=[r.response_ids for r in rollouts], trainer_state=SimpleNamespace(global_step=step, max_steps=total),
+        completion_ids=[r.response_ids for r in rollouts],
+        trainer_state=SimpleNamespace(global_step=step, max_steps=total),
         input_ids=[list(task.ids) for task in tasks], position=[task.position for task in tasks],
-        budget=[budget] * len(rollouts), log_metric=log)
+        budget=[budget] * len(rollouts))
 
 
 @pytest.mark.parametrize("reward_class", [ExactMatch, PrefixMatch])
@@ -168,7 +169,7 @@ def test_reward_function_scores_a_closed_correct_answer_and_logs_its_parts(tiny_
     assert got == [s["reward"] for s in ExactMatch(tokenizer, 0.2)(rollouts, [task] * 3, RewardContext(0, 4, budget))]
     band = BAND_NAMES[row["band"] - EASY]
     assert logged == pytest.approx({"rmt_exact/match": 1 / 3, "rmt_exact/len": 2 * length / 3,
-                                    f"rmt_exact/match_{band}": 1 / 3, "rmt_exact/format_ok": 2 / 3,
+                                    f"rmt_exact/match_{band}": 1 / 3, "rmt_exact/closed_think": 2 / 3,
                                     "rmt_exact/reasoning_len": (2 * (len(thought) + 1) + len(unclosed)) / 3})
 
 
@@ -199,7 +200,7 @@ def test_example_runs_two_steps(tiny_model_dir, tiny_scored_dir, tmp_path):
         # Generation is capped at 2·B_t plus room for the answer (8 tokens and the format's).
         assert r["completions/max_length"] <= 2 * r["budget"] + 8 + sum(map(len, answer_format_ids(
             load_tokenizer(str(tiny_model_dir)))[:2]))
-        for key in ("rmt_exact/match", "rmt_exact/len", "rmt_exact/format_ok", "band_prob/easy", "loss"):
+        for key in ("rmt_exact/match", "rmt_exact/len", "rmt_exact/closed_think", "band_prob/easy", "loss"):
             assert key in r
 
 
@@ -250,3 +251,21 @@ def test_trainer_names_the_settings_that_break_step_alignment(tiny_model_dir, ti
         RMTGRPOTrainer(model=None, reward_funcs=[], args=config, prompts=prompts, processing_class=tokenizer)
     for need in ("shuffle_dataset=False", "2 × 2 = 4 completions", "max_steps=2"):
         assert need in str(error.value)
+
+
+def test_trainer_runs_rpt_settings_without_budget_or_curriculum(tiny_model_dir, tiny_scored_dir, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    budget = BudgetConfig(enabled=False, max_reasoning_tokens=6)
+    prompts = NextTokenPrompts(tiny_scored_dir, tokenizer, total_steps=1, docs_per_step=1, positions_per_doc=2,
+                               budget=budget, curriculum=CurriculumConfig(enabled=False))
+    reward = NextTokenReward(PrefixMatch(tokenizer), tokenizer, budget)
+    trainer = RMTGRPOTrainer(model=load_model(str(tiny_model_dir)), reward_funcs=reward,
+                             args=grpo_config(tmp_path, 1, 2, 4), prompts=prompts, processing_class=tokenizer,
+                             ntp_weight=0.0, answer_tokens=2)
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert "budget" not in log and "band_prob/easy" not in log and "ntp_loss" not in log
+    assert "using at most" not in next(prompts.steps())[0]["prompt"]  # no budget in the instruction
+    assert log["rmt_prefix/reasoning_len"] <= 6 and log["rmt_prefix/len"] == 0.0
+    room = sum(map(len, answer_format_ids(tokenizer)[:2])) + 2
+    assert log["completions/max_length"] <= 6 + room

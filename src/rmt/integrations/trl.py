@@ -123,10 +123,15 @@ class NextTokenPrompts:
         for step in range(self.total_steps):
             budget, probs = self.budget_at(step), self.band_probs_at(step)
             rows: list[dict] = []
+            passed_over = 0
             while len(rows) < self.prompts_per_step:
                 doc = order.take(1)[0]
                 window = self.windows[doc]
                 drawn = sampler.sample(window.band, probs, self.positions_per_doc)
+                passed_over = 0 if drawn.size else passed_over + 1
+                if passed_over > len(self.windows):
+                    raise RmtError(f"step {step}: no window has a position in the bands the curriculum allows "
+                                   f"(band mix {probs}); check curriculum.p_early / p_late against the scored bands")
                 for t in np.resize(drawn, self.positions_per_doc if drawn.size else 0):
                     ids = self.prompt.prompt_ids(window.input_ids, int(t), budget)
                     rows.append({
@@ -205,7 +210,7 @@ class NextTokenReward:
                     if not np.isnan(value):  # a band without rollouts this step
                         log_metric(f"{self.__name__}/{key}", value)
             log_metric(f"{self.__name__}/reasoning_len", float(np.mean([r.reasoning_len for r in rollouts])))
-            log_metric(f"{self.__name__}/format_ok", float(np.mean([r.closed_think for r in rollouts])))
+            log_metric(f"{self.__name__}/closed_think", float(np.mean([r.closed_think for r in rollouts])))
         return [s["reward"] for s in scores]
 
 
@@ -225,6 +230,9 @@ class RMTGRPOTrainer(GRPOTrainer):
       normalisation); the documents are spread over the step's micro-batches and each micro-batch adds
       its share, scaled as TRL scales its policy loss, so the step's gradient is that of L_RL + λ·L_NTP;
     - logs `ntp_loss`, `budget`, the band mix `band_prob/<band>` and the drawn `sampled/<band>` counts.
+
+    It overrides three internal methods of `GRPOTrainer` (`_generate_and_score_completions`,
+    `_tokenize_prompts`, `_compute_loss`): that is why `rmt[trl]` pins the TRL version it was tested with.
     """
 
     def __init__(self, model, reward_funcs, args, prompts: NextTokenPrompts, ntp_weight: float = 0.1,
@@ -242,8 +250,7 @@ class RMTGRPOTrainer(GRPOTrainer):
         self._ntp_tokens = 0.0
         self._ntp_sum = 0.0
 
-    def _generate_and_score_completions(self, inputs):
-        rows = inputs
+    def _generate_and_score_completions(self, rows):
         if "budget" in rows[0]:
             cap = reasoning_cap(self.prompts.budget, rows[0]["budget"]) + self.answer_room
             cap = min(cap, self.max_completion_length or cap)
@@ -252,7 +259,7 @@ class RMTGRPOTrainer(GRPOTrainer):
             else:
                 self.generation_config.max_new_tokens = cap
         self._prompt_ids = [row["prompt_ids"] for row in rows] if "prompt_ids" in rows[0] else None
-        output = super()._generate_and_score_completions(inputs)
+        output = super()._generate_and_score_completions(rows)
         if self.model.training:
             self._log_step(rows)
             if self.ntp_weight > 0:
@@ -313,7 +320,8 @@ class RMTGRPOTrainer(GRPOTrainer):
             loss = dual_objective(loss, share, self.ntp_weight)
             self._ntp_sum += float(ce_sum.detach())
         if micro == self.args.steps_per_generation - 1:
-            total = self.accelerator.reduce(torch.tensor(self._ntp_sum, device=self.accelerator.device), reduction="sum")
+            local = torch.tensor(self._ntp_sum, device=self.accelerator.device)
+            total = self.accelerator.reduce(local, reduction="sum")
             self._metrics["train"]["ntp_loss"].append(float(total) / self._ntp_tokens)
         return loss
 
