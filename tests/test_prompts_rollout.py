@@ -116,3 +116,16 @@ def test_an_end_of_sequence_during_reasoning_is_replaced_by_the_forced_answer(ti
     forced = engine.close_ids + engine.box_ids
     assert r.response_ids[0] != eos and r.reasoning_len == 1
     assert r.response_ids[1 : 1 + len(forced)] == forced and r.sampled_mask[1 : 1 + len(forced)] == [0] * len(forced)
+
+
+def test_thought_length_counts_the_thought_only(tiny_model_dir):
+    from rmt import assets
+    from rmt.rollout import thought_length
+
+    tokenizer = assets.load_tokenizer(str(tiny_model_dir))
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert thought_length(tokenizer, encode("\n</think>")) == 0  # an empty thought
+    assert thought_length(tokenizer, encode("</think>")) == 0
+    words = encode(" apples and books")
+    assert thought_length(tokenizer, words + encode("\n</think>")) == len(words)
+    assert thought_length(tokenizer, words + encode("</think>")) == len(words)

@@ -138,7 +138,7 @@ def test_reward_function_returns_the_reward_objects_scores_on_rmt_rollouts(rmt_r
         assert got == [s["reward"] for s in expected]
         cap = 2 * context.budget
         for r in rollouts:  # the completion measured as rmt's engine measured it while sampling
-            parsed = completion_rollout(tokenizer, r.response_ids, cap, close_len)
+            parsed = completion_rollout(tokenizer, r.response_ids, cap)
             assert (parsed.reasoning_len, parsed.closed_think, parsed.text) == (r.reasoning_len, r.closed_think, r.text)
 
 
@@ -162,15 +162,15 @@ def test_reward_function_scores_a_closed_correct_answer_and_logs_its_parts(tiny_
                    trainer_state=SimpleNamespace(global_step=0, max_steps=4), input_ids=[row["input_ids"]] * 3,
                    position=[row["position"]] * 3, budget=[budget] * 3, band=[row["band"]] * 3,
                    log_metric=lambda name, value: logged.setdefault(name, value))
-    # By hand: the reasoning is the thought plus one token of the closing tag (the engine's measure).
-    length = length_reward(len(thought) + 1, budget)
+    # By hand: the reasoning is the thought's tokens, without the line break and the closing tag.
+    length = length_reward(len(thought), budget)
     assert got == pytest.approx([0.8 + 0.2 * length, 0.2 * length, 0.0])
-    rollouts = [completion_rollout(tokenizer, ids, 2 * budget, len(close)) for ids in completions]
+    rollouts = [completion_rollout(tokenizer, ids, 2 * budget) for ids in completions]
     assert got == [s["reward"] for s in ExactMatch(tokenizer, 0.2)(rollouts, [task] * 3, RewardContext(0, 4, budget))]
     band = BAND_NAMES[row["band"] - EASY]
     assert logged == pytest.approx({"rmt_exact/match": 1 / 3, "rmt_exact/len": 2 * length / 3,
                                     f"rmt_exact/match_{band}": 1 / 3, "rmt_exact/closed_think": 2 / 3,
-                                    "rmt_exact/reasoning_len": (2 * (len(thought) + 1) + len(unclosed)) / 3})
+                                    "rmt_exact/reasoning_len": (2 * len(thought) + len(unclosed)) / 3})
 
 
 def test_reward_function_refuses_a_budget_from_another_step(tiny_model_dir):

@@ -75,12 +75,14 @@ def test_warmup_resume_after_sigkill_is_exact(tiny_model_dir, tiny_scored_dir, t
 
 def test_warmup_teaches_the_format_and_train_starts_from_its_folder(tiny_model_dir, tiny_scored_dir, tmp_path):
     """On the tiny model, a few high-learning-rate steps are enough for greedy answers to close </think>
-    by themselves; `rmt train --model WARMUP_DIR` then starts from the warmed checkpoint."""
+    by themselves; `rmt train --model WARMUP_DIR` then starts from the warmed checkpoint. (The random
+    2-layer model learns the tail thought's copy in 30 steps, but not to stop after one line break.)"""
     from rmt.evaluate import evaluate
 
     run_dir = warmup(load_config(None, overrides(tiny_model_dir, tiny_scored_dir, f"out={tmp_path / 'warm'}",
                                                  "steps=30", "positions_per_doc=8", "optim.lr=3e-3",
-                                                 "budgets=[3]", "save_every=30"), schema=WarmupConfig))
+                                                 "budgets=[3]", "save_every=30", "thought=tail"),
+                             schema=WarmupConfig))
     before = evaluate(str(tiny_model_dir), tiny_scored_dir, ["ntr"], budget=3, positions=20, progress=False)
     after = evaluate(str(run_dir), tiny_scored_dir, ["ntr"], budget=3, positions=20, progress=False)
     assert before["results"]["ntr"]["well_formed_frac"] < 0.5

@@ -47,7 +47,7 @@ class Rollout:
     prompt_ids: list[int]
     response_ids: list[int] = field(default_factory=list)
     sampled_mask: list[int] = field(default_factory=list)  # 1: sampled by the policy; 0: inserted
-    reasoning_len: int = 0  # tokens the policy wrote before `</think>` (or before the cap)
+    reasoning_len: int = 0  # thought tokens before `</think>` (`thought_length`), or all of them when the cap cut it
     closed_think: bool = False  # the policy closed `</think>` by itself
     text: str = ""
 
@@ -74,6 +74,20 @@ def document_prompts(pre: list[int], window_ids, positions, post: list[int]) -> 
     positions = [int(t) for t in positions]
     context = [int(i) for i in window_ids[: max(positions, default=0)]]
     return SharedPrompts(list(pre) + context, [len(pre) + t for t in positions], list(post))
+
+
+def thought_length(tokenizer, reasoning_ids: list[int]) -> int:
+    """Tokens of thought in a reasoning that ends with `</think>`: the tokens before the closing tag, not
+    counting the tag's own tokens nor one whitespace-only token (the line break) right before it. A
+    reasoning of just `\n</think>` has length 0."""
+    ids = list(reasoning_ids)
+    for k in range(1, len(ids) + 1):  # the fewest trailing tokens that hold the tag
+        if THINK_CLOSE in tokenizer.decode(ids[-k:]):
+            break
+    n = len(ids) - k
+    if n > 0 and not tokenizer.decode(ids[n - 1 : n]).strip():
+        n -= 1
+    return max(0, n)
 
 
 def make_engine(model, tokenizer, settings: RolloutSettings, engine: str = "rmt", **options):
@@ -205,8 +219,8 @@ class RolloutEngine:
     def _end_reasoning(self, row: _Row, closed: bool) -> None:
         row.phase = "answer"
         row.rollout.closed_think = closed
-        if closed:
-            row.rollout.reasoning_len = max(0, row.rollout.reasoning_len - len(self.close_ids) + 1)
+        if closed:  # every response token so far is a sampled reasoning token
+            row.rollout.reasoning_len = thought_length(self.tokenizer, row.rollout.response_ids)
         if not self.settings.answer:
             row.done = True
         elif self.settings.force_answer:

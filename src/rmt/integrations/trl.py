@@ -54,7 +54,7 @@ from rmt.forward import document_logits
 from rmt.losses import dual_objective, ntp_loss
 from rmt.prompts import THINK_CLOSE, PromptBuilder
 from rmt.rewards import NextToken, RewardContext
-from rmt.rollout import Rollout, answer_format_ids
+from rmt.rollout import Rollout, answer_format_ids, thought_length
 from rmt.runs import DataOrder
 from rmt.scored import load_scored, ntp_target_mask
 from rmt.train import band_means
@@ -153,11 +153,11 @@ class NextTokenPrompts:
 # ---- rewards ---------------------------------------------------------------------------------------------
 
 
-def completion_rollout(tokenizer, completion_ids, cap: int, close_len: int) -> Rollout:
+def completion_rollout(tokenizer, completion_ids, cap: int) -> Rollout:
     """A finished completion as the `Rollout` record rmt's rewards read, its reasoning measured as rmt's
     rollout engine measures it: closed if `</think>` appears within the first `cap` tokens, the reasoning
-    then being the tokens before the closing tag (`close_len` = tokens of "\\n</think>"); otherwise the
-    first `cap` tokens, unclosed. The text is decoded as the engine decodes it (special tokens kept)."""
+    then being `rmt.rollout.thought_length` of those tokens; otherwise the first `cap` tokens, unclosed.
+    The text is decoded as the engine decodes it (special tokens kept)."""
     ids = [int(i) for i in completion_ids]
     rollout = Rollout(prompt_ids=[], response_ids=ids, sampled_mask=[1] * len(ids), text=tokenizer.decode(ids))
     tail = ""
@@ -165,7 +165,7 @@ def completion_rollout(tokenizer, completion_ids, cap: int, close_len: int) -> R
         tail = (tail + tokenizer.decode([token]))[-32:]
         if THINK_CLOSE in tail:
             rollout.closed_think = True
-            rollout.reasoning_len = max(0, n - close_len + 1)
+            rollout.reasoning_len = thought_length(tokenizer, ids[:n])
             return rollout
     rollout.reasoning_len = min(len(ids), cap)
     return rollout
@@ -186,7 +186,6 @@ class NextTokenReward:
         self.reward = reward
         self.tokenizer = tokenizer
         self.budget = budget or BudgetConfig()
-        self.close_len = len(answer_format_ids(tokenizer)[0])
         self.__name__ = f"rmt_{reward.name}"  # TRL's name for the function in its logs
 
     def __call__(self, prompts, completions, completion_ids, trainer_state, input_ids, position,
@@ -198,7 +197,7 @@ class NextTokenReward:
                            f"step {step} of {total}, where B_t = {b_t}; align the stream and the trainer "
                            "(one block per optimizer step, max_steps = total_steps)")
         cap = reasoning_cap(self.budget, b_t)
-        rollouts = [completion_rollout(self.tokenizer, ids, cap, self.close_len) for ids in completion_ids]
+        rollouts = [completion_rollout(self.tokenizer, ids, cap) for ids in completion_ids]
         tasks = [NextToken(ids, int(t)) for ids, t in zip(input_ids, position, strict=True)]
         scores = self.reward(rollouts, tasks, RewardContext(step, total, b_t))
         if log_metric is not None:
