@@ -13,6 +13,7 @@ defaults below are a GPU-scale run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -223,7 +224,8 @@ def posttrain(config: PostTrainConfig, resume: bool = False, reward=None, allow_
         prompts = [ids for q in questions for ids in [prompt.ids(q.question)] * G]
         seeds = [rollout_seed(config.seed, step, first + i, g) for i in range(len(questions)) for g in range(G)]
         run.policy.eval()
-        with gathered_weights(run.model), run.accelerator.autocast():
+        gather = gathered_weights(run.model) if config.rollout.engine == "rmt" else contextlib.nullcontext()
+        with gather, run.accelerator.autocast():  # the built-in engine decodes with the (gathered) policy
             rollouts = engine.generate(prompts, seeds)
         run.policy.train()
         t_rollout = time.perf_counter() - t0

@@ -9,6 +9,7 @@ the advantage estimator, which tokens the surrogate covers, the prompt, and λ.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -105,7 +106,9 @@ def train(config: TrainConfig, resume: bool = False, reward=None, allow_changes:
             t1 = time.perf_counter()
             seeds = [rollout_seed(config.seed, step, first + d, t, g) for d, t in where for g in range(G)]
             run.policy.eval()
-            with gathered_weights(run.model), run.accelerator.autocast():
+            # The built-in engine decodes with the policy itself: sharded weights are gathered once for it.
+            gather = gathered_weights(run.model) if r.engine == "rmt" else contextlib.nullcontext()
+            with gather, run.accelerator.autocast():
                 rollouts = rollout_positions(engine, pre, post, [d.input_ids for d in docs], positions, G, seeds,
                                              cap, config.rollout.shared_prefix)
             run.policy.train()
