@@ -1,23 +1,27 @@
-"""Speed of one RL step's two halves, naive vs shared-prefix: rollouts and the training forward+backward.
+"""Speed of one RL step's two halves, naive vs shared-prefix: rollouts and the training forward+backward,
+side by side with TRL's GRPOTrainer, each as a fraction of what this CPU's arithmetic allows.
 
-For each model and configuration (context length, P positions per document, G rollouts per position),
-four fresh worker processes each load the model and do one thing, so each one's peak memory
-(`ru_maxrss`) is its own:
+For each model and configuration (context length, P positions per document, G rollouts per position) the
+variants run in fresh worker processes (each one's peak memory, `ru_maxrss`, is its own), alternately,
+repeat by repeat (naive, shared, naive, packed, [TRL], then again), so that other load on a shared machine
+slows them alike; the tables give the median and the spread (min–max) of `--repeats`:
 
 - `naive-rollout`:  `RolloutEngine.generate` over the P·G prompts (every prompt re-encodes its prefix);
 - `shared-rollout`: `RolloutEngine.generate_shared` (the document's prefix is encoded once);
-- `naive-train`:    `grpo.policy_update` with the per-rollout backend (RL loss over padded prompt+response rows, NTP in a
-  second pass over the document);
-- `packed-train`:   `grpo.policy_update` with the packed backend (one forward per document).
+- `naive-train`:    `grpo.policy_update` with the per-rollout backend (RL loss over padded prompt+response
+  rows, NTP in a second pass over the document);
+- `packed-train`:   `grpo.policy_update` with the packed backend (one forward per document);
+- `trl` (with `trl` installed, for `--trl-configs`): one step of TRL's GRPOTrainer on the same prompts
+  (same model, G, completion cap): generation, loss, backward and optimizer step.
 
-Each worker warms up first (one-time costs of the first calls) and keeps the best of `--repeats` timings
-(`--tiny-repeats` for the tiny model, whose timings are milliseconds). Both training workers use the
-shared-prefix rollouts (saved by `shared-rollout`), so they do the same work. With `trl` installed, a
-`trl` worker also runs one step of TRL's GRPOTrainer on the same prompts (same model, G, completion cap)
-for the configurations listed in `--trl-configs`. The machine is often shared: note its load.
+Each worker warms up first (one-time costs of the first calls). The FLOP-limit column divides each
+variant's FLOPs (`common.forward_flops`: weights × tokens, output layer × logit rows, attention pairs as
+computed, masked blocks included; backward = 2 × forward) by the matmul rate measured on this machine
+with the same thread count just before: "of limit" is limit / measured time (1.0 = at the arithmetic
+ceiling). `--threads 1` gives one-thread figures, which a busy second core disturbs least.
 
-    python benchmarks/step_speed.py                      # default: both models, 128x4x4 and 256x8x8
-    python benchmarks/step_speed.py --models tiny --configs 128x4x4,128x8x8,256x4x4,256x8x8
+    python benchmarks/step_speed.py                                # both models, 128x4x4 and 256x8x8
+    python benchmarks/step_speed.py --threads 1 --repeats 3 --models smollm2-135m-instruct
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ from rmt import assets
 from rmt.corpus import EMBEDDED_CORPUS, load_corpus
 from rmt.prompts import PromptBuilder
 from rmt.rollout import Rollout, RolloutEngine, RolloutSettings, document_prompts
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import alternate, forward_flops, machine_state, matmul_gflops, median, model_shape, summary, train_flops  # noqa: E402
 
 BUDGET = 8  # B_t in the prompt; the reasoning cap is --cap
 MODES = ("naive-rollout", "shared-rollout", "naive-train", "packed-train")
@@ -64,8 +71,11 @@ def positions_for(context: int, p: int) -> list[int]:
 
 def worker(args) -> dict:
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tokenizer = assets.load_tokenizer(args.model)
     model = assets.load_model(args.model)
+    shape = model_shape(model)
     loaded = peak_mb()
     window = document(tokenizer, args.context)
     positions = positions_for(args.context, args.p)
@@ -84,29 +94,44 @@ def worker(args) -> dict:
             return engine.generate_shared([document_prompts(pre, window, positions, post)], copies)
 
         roll(positions[:1], 2)  # warm-up: first calls pay one-time costs (thread pools, kernel selection)
-        seconds = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            rollouts = roll(positions, G)
-            seconds.append(time.perf_counter() - start)
-        seconds = min(seconds)
+        start = time.perf_counter()
+        rollouts = roll(positions, G)
+        seconds = time.perf_counter() - start
         result.update(seconds=seconds, tokens=sum(len(r.response_ids) for r in rollouts),
-                      prompt_tokens=sum(len(r.prompt_ids) for r in rollouts))
+                      flops=rollout_flops(shape, rollouts, pre, window, positions, G, args.mode))
         if args.save:
             Path(args.save).write_text(json.dumps([r.__dict__ for r in rollouts]))
     elif args.mode in ("naive-train", "packed-train"):
         rollouts = [Rollout(**r) for r in json.loads(Path(args.load).read_text())]
-        seconds, tokens = train_step(args, model, tokenizer, window, positions, pre, post, rollouts)
-        result.update(seconds=seconds, tokens=tokens)
+        seconds, flops = train_step(args, model, tokenizer, window, positions, pre, post, rollouts, shape)
+        result.update(seconds=seconds, flops=flops)
     elif args.mode == "trl":
-        result.update(trl_step(args, model, tokenizer, [builder.prompt_ids(window, t, BUDGET) for t in positions]))
+        result.update(trl_step(args, model, tokenizer, [builder.prompt_ids(window, t, BUDGET) for t in positions], shape))
     result["peak_mb"] = peak_mb()
     return result
 
 
-def train_step(args, model, tokenizer, window, positions, pre, post, rollouts) -> tuple[float, int]:
+def rollout_flops(shape, rollouts, pre, window, positions, G, mode) -> float:
+    """FLOPs of the rollouts: the prompts' prefill (each prompt whole, or each document prefix once plus
+    the per-prompt tails) and one token per decoding step per row, each attending to what precedes it."""
+    decode = sum(len(r.response_ids) for r in rollouts)
+    attended = sum(len(r.prompt_ids) * len(r.response_ids) + len(r.response_ids) ** 2 / 2 for r in rollouts)
+    if mode == "naive-rollout":
+        prefill = sum(len(r.prompt_ids) for r in rollouts)
+        attended += sum(len(r.prompt_ids) ** 2 / 2 for r in rollouts)
+        logit_rows = decode + len(rollouts)
+    else:
+        prefix = len(pre) + max(positions)
+        tails = len(positions) * (len(rollouts[0].prompt_ids) - len(pre) - positions[0])  # post per prompt
+        prefill = prefix + tails
+        attended += prefix**2 / 2 + tails * prefix
+        logit_rows = decode + len(positions) + 1
+    return forward_flops(shape, prefill + decode, logit_rows, attended)
+
+
+def train_step(args, model, tokenizer, window, positions, pre, post, rollouts, shape) -> tuple[float, float]:
     """Seconds of one step's forward+backward of L_RL + λ·L_NTP, as train.py runs it (naive) or packed,
-    and the number of tokens it forwards."""
+    and its FLOPs (a padded row or a packed square counts whole: that is what the forward computes)."""
     from rmt.grpo import PackedBackend, PerRolloutBackend, UpdateSettings, make_trajectories, policy_update
     from rmt.packed import PackItem, pack_documents
     from rmt.scored import ScoredWindow, ntp_target_mask
@@ -122,23 +147,31 @@ def train_step(args, model, tokenizer, window, positions, pre, post, rollouts) -
     settings = UpdateSettings(ntp_weight=0.1, micro_batch=16, pack_tokens=args.pack_tokens)
     model.train()
     model(input_ids=torch.tensor([window[:64]]), labels=torch.tensor([window[:64]])).loss.backward()  # warm-up
-    seconds = []
-    for _ in range(args.repeats):
-        model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        if args.mode == "naive-train":
-            policy_update(model, trajectories, [window], masks, settings, PerRolloutBackend(tokenizer.pad_token_id, 16))
-            tokens = n + sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
-        else:
-            policy_update(model, trajectories, [window], masks, settings, PackedBackend(pre, post, args.pack_tokens))
-            items = [PackItem(0, t, r.response_ids, r.sampled_mask)
-                     for r, t in zip(rollouts, [t for t in positions for _ in range(G)])]
-            tokens = sum(len(pack) for pack in pack_documents(pre, post, [window], items, max_tokens=args.pack_tokens))
-        seconds.append(time.perf_counter() - start)
-    return min(seconds), tokens
+    model.zero_grad(set_to_none=True)
+    backend = PerRolloutBackend(tokenizer.pad_token_id, 16) if args.mode == "naive-train" \
+        else PackedBackend(pre, post, args.pack_tokens)
+    start = time.perf_counter()
+    policy_update(model, trajectories, [window], masks, settings, backend)
+    seconds = time.perf_counter() - start
+    if args.mode == "naive-train":
+        rows = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
+        flops = 0.0
+        for i in range(0, len(rows), 16):  # padded micro-batches of 16 rows; logits for the responses
+            chunk = rows[i : i + 16]
+            width = max(chunk)
+            flops += train_flops(shape, width * len(chunk), sum(len(r.response_ids) + 1 for r in rollouts[i : i + 16]),
+                                 len(chunk) * width**2)
+        flops += train_flops(shape, n, n, n**2)  # the document, for NTP
+    else:
+        items = [PackItem(0, t, r.response_ids, r.sampled_mask)
+                 for r, t in zip(rollouts, [t for t in positions for _ in range(G)])]
+        packs = pack_documents(pre, post, [window], items, max_tokens=args.pack_tokens)
+        flops = sum(train_flops(shape, len(pack), pack.window_len + len(pack.response_logit_index), len(pack) ** 2)
+                    for pack in packs)
+    return seconds, flops
 
 
-def trl_step(args, model, tokenizer, prompts) -> dict:
+def trl_step(args, model, tokenizer, prompts, shape) -> dict:
     """Wall time of one GRPOTrainer step (generation + loss + backward + optimizer) on the same prompts."""
     import random
 
@@ -168,7 +201,12 @@ def trl_step(args, model, tokenizer, prompts) -> dict:
         trainer.train()
         seconds = time.perf_counter() - start
     logs = trainer.state.log_history[0]
-    return {"seconds": seconds, "tokens": logs.get("completions/mean_length", float("nan")) * args.g * len(prompts)}
+    tokens = logs.get("completions/mean_length", float("nan")) * args.g * len(prompts)
+    # Its work: generation (prefill of every prompt, then decoding) and one training forward+backward of
+    # every prompt + completion; the optimizer step is not counted.
+    length = sum(map(len, prompts)) * args.g
+    flops = forward_flops(shape, length + tokens, tokens) + train_flops(shape, length + tokens, tokens)
+    return {"seconds": seconds, "tokens": tokens, "flops": flops}
 
 
 # ---- the parent: run the workers, print the table, draw the plot ------------------------------------
@@ -178,7 +216,7 @@ def run_worker(model: str, config: tuple[int, int, int], mode: str, args, extra=
     command = [sys.executable, __file__, "--worker", mode, "--model", model, "--context", str(context),
                "--p", str(p), "--g", str(g), "--cap", str(args.cap), "--answer-tokens", str(args.answer_tokens),
                "--batch-size", str(args.batch_size), "--pack-tokens", str(args.pack_tokens),
-               "--repeats", str(args.repeats if model != args.tiny_path else args.tiny_repeats), *extra]
+               "--threads", str(args.threads or 0), *extra]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         sys.stderr.write(done.stderr[-3000:])
@@ -194,13 +232,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=f"{assets.EMBEDDED_MODEL},tiny", help="comma-separated; 'tiny' = rmt.tiny")
     parser.add_argument("--configs", default="128x4x4,256x8x8", help="CONTEXTxPxG, comma-separated")
-    parser.add_argument("--trl-configs", default="128x4x4", help="configurations also run with TRL ('' = none)")
+    parser.add_argument("--trl-configs", default="128x4x4,256x8x8",
+                        help="configurations also run with TRL ('' = none)")
     parser.add_argument("--cap", type=int, default=16, help="reasoning tokens per rollout (2·B_t)")
     parser.add_argument("--answer-tokens", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=32, help="rollout batch size (rows)")
+    parser.add_argument("--batch-size", type=int, default=64, help="rollout batch size (rows)")
     parser.add_argument("--pack-tokens", type=int, default=2048, help="max tokens per packed sequence")
-    parser.add_argument("--repeats", type=int, default=1, help="time each operation this many times, keep the best")
-    parser.add_argument("--tiny-repeats", type=int, default=5, help="--repeats for the tiny model (milliseconds)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats of every variant (median, spread)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--out", default="runs/bench/step_speed.png", help="the plot")
     # worker arguments
     parser.add_argument("--worker", choices=(*MODES, "trl"), help=argparse.SUPPRESS)
@@ -220,62 +259,72 @@ def main() -> None:
         import trl  # noqa: F401
         trl_configs = set(parse_configs(args.trl_configs))
     except ImportError:
-        print("trl is not installed: skipping the TRL GRPOTrainer comparison (pip install trl)")
+        print("trl is not installed: skipping the TRL GRPOTrainer comparison (pip install 'rmt[trl]')")
         trl_configs = set()
-    configs = parse_configs(args.configs)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    state = machine_state()
+    gflops = matmul_gflops(args.threads or None)
+    print(f"{state['threads']} torch threads per worker on {state['cores']} cores, load average {state['load_1min']} "
+          f"at the start; measured matmul rate {gflops:.1f} GFLOP/s (fp32, 1024x1024)", flush=True)
     rows = []
-    args.tiny_path = None
     with tempfile.TemporaryDirectory() as tmp:
         models = {}
         for name in args.models.split(","):
             if name == "tiny":
                 from rmt.tiny import build_tiny_model
 
-                models[name] = args.tiny_path = str(build_tiny_model(Path(tmp) / "tiny"))
+                models[name] = str(build_tiny_model(Path(tmp) / "tiny"))
             else:
                 models[name] = name
         for name, path in models.items():
-            for config in configs:
+            for config in configs_of(args):
                 saved = str(Path(tmp) / f"rollouts-{name}-{'x'.join(map(str, config))}.json")
-                r = {"model": name, "config": config}
-                r["naive-rollout"] = run_worker(path, config, "naive-rollout", args)
-                r["shared-rollout"] = run_worker(path, config, "shared-rollout", args, ["--save", saved])
-                r["naive-train"] = run_worker(path, config, "naive-train", args, ["--load", saved])
-                r["packed-train"] = run_worker(path, config, "packed-train", args, ["--load", saved])
+                run_worker(path, config, "shared-rollout", args, ["--save", saved])  # the rollouts training uses
+                variants = {mode: (lambda mode=mode: run_worker(path, config, mode, args,
+                                                               ["--load", saved] if "train" in mode else []))
+                            for mode in MODES}
                 if config in trl_configs:
-                    r["trl"] = run_worker(path, config, "trl", args)
+                    variants["trl"] = lambda: run_worker(path, config, "trl", args)
+                r = {"model": name, "config": config, **alternate(variants, args.repeats)}
                 rows.append(r)
-                print_row(r, header=len(rows) == 1)
-    print(f"\n{torch.get_num_threads()} torch threads; load average {os.getloadavg()[0]:.2f} at the end; "
-          f"reasoning cap {args.cap} + answer {args.answer_tokens} tokens; pack <= {args.pack_tokens} tokens")
+                print_row(r, gflops, header=len(rows) == 1)
+    print(f"\nload average {os.getloadavg()[0]:.2f} at the end; reasoning cap {args.cap} + answer "
+          f"{args.answer_tokens} tokens; pack <= {args.pack_tokens} tokens; median (min–max) of {args.repeats} "
+          "alternating repeats; 'of limit' = FLOPs / measured matmul rate / seconds")
     if any("trl" in r for r in rows):
         print("\nOne GRPO step vs TRL GRPOTrainer (ours: shared-prefix rollouts + packed forward+backward; "
-              "TRL: generate + loss + backward + optimizer step)")
+              "TRL: generate + loss + backward + optimizer step), medians")
         for r in rows:
             if "trl" in r:
-                ours = r["shared-rollout"]["seconds"] + r["packed-train"]["seconds"]
-                t = r["trl"]
-                peak = max(r["shared-rollout"]["peak_mb"], r["packed-train"]["peak_mb"])
-                print(f"  {r['model']:>22} {'x'.join(map(str, r['config'])):>9}: ours {ours:7.1f} s "
-                      f"({r['shared-rollout']['tokens']} response tokens), TRL {t['seconds']:7.1f} s "
-                      f"({t['tokens']:.0f} completion tokens), TRL/ours {t['seconds'] / ours:5.2f}, "
-                      f"peak MB ours {peak:.0f} TRL {t['peak_mb']:.0f}")
+                ours = median([a["seconds"] + b["seconds"] for a, b in zip(r["shared-rollout"], r["packed-train"])])
+                trl_s = median([t["seconds"] for t in r["trl"]])
+                peak = max(max(x["peak_mb"] for x in r["shared-rollout"]), max(x["peak_mb"] for x in r["packed-train"]))
+                print(f"  {r['model']:>22} {'x'.join(map(str, r['config'])):>9}: ours {ours:7.1f} s, "
+                      f"TRL {trl_s:7.1f} s ({summary([t['seconds'] for t in r['trl']])}), TRL/ours {trl_s / ours:5.2f}; "
+                      f"peak MB ours {peak:.0f}, TRL {max(t['peak_mb'] for t in r['trl']):.0f}")
     plot(rows, args.out)
     print(f"plot: {args.out}")
 
 
-def print_row(r: dict, header: bool) -> None:
+def configs_of(args) -> list[tuple[int, int, int]]:
+    return parse_configs(args.configs)
+
+
+def print_row(r: dict, gflops: float, header: bool) -> None:
+    """Median seconds (spread), speed-up, fraction of the FLOP limit, peak memory of each variant."""
     if header:
-        print(f"{'model':>22} {'CTXxPxG':>9} | {'rollout s naive':>15} {'shared':>7} {'speedup':>7} "
-              f"{'tok/s n/s':>11} | {'train s naive':>13} {'packed':>7} {'speedup':>7} {'tokens n/p':>11} | "
-              f"{'peak MB rollout n/s':>19} | {'peak MB train n/p':>17}")
-    nr, sr, nt, pt = (r[m] for m in MODES)
-    print(f"{r['model']:>22} {'x'.join(map(str, r['config'])):>9} | {nr['seconds']:15.2f} {sr['seconds']:7.2f} "
-          f"{nr['seconds'] / sr['seconds']:6.2f}x "
-          f"{nr['tokens'] / nr['seconds']:5.1f}/{sr['tokens'] / sr['seconds']:<5.1f} | "
-          f"{nt['seconds']:13.2f} {pt['seconds']:7.2f} {nt['seconds'] / pt['seconds']:6.2f}x "
-          f"{nt['tokens']:5d}/{pt['tokens']:<5d} | {nr['peak_mb']:9.0f}/{sr['peak_mb']:<9.0f} | "
-          f"{nt['peak_mb']:8.0f}/{pt['peak_mb']:<8.0f}", flush=True)
+        print(f"{'model':>22} {'CTXxPxG':>9} | {'variant':>14} {'seconds: median (min-max)':>28} {'of limit':>9} "
+              f"{'peak MB':>8}")
+    for mode in [m for m in (*MODES, "trl") if m in r]:
+        runs = r[mode]
+        seconds = [x["seconds"] for x in runs]
+        limit = median([x["flops"] for x in runs]) / (gflops * 1e9)
+        print(f"{r['model']:>22} {'x'.join(map(str, r['config'])):>9} | {mode:>14} {summary(seconds):>28} "
+              f"{limit / median(seconds):9.2f} {max(x['peak_mb'] for x in runs):8.0f}", flush=True)
+    for naive, fast in (("naive-rollout", "shared-rollout"), ("naive-train", "packed-train")):
+        ratios = [a["seconds"] / b["seconds"] for a, b in zip(r[naive], r[fast])]
+        print(f"{'':>33} | {fast} / {naive}: {summary(ratios)}x faster (per repeat)")
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -288,13 +337,13 @@ def plot(rows: list[dict], path: str) -> None:
     x = np.arange(len(rows))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     panels = [
-        ("rollout seconds", "naive-rollout", "shared-rollout", "seconds"),
-        ("training forward+backward seconds", "naive-train", "packed-train", "seconds"),
+        ("rollout seconds (median)", "naive-rollout", "shared-rollout", "seconds"),
+        ("training forward+backward seconds (median)", "naive-train", "packed-train", "seconds"),
         ("peak memory of training (MB)", "naive-train", "packed-train", "peak_mb"),
     ]
     for ax, (title, naive, fast, key) in zip(axes, panels):
-        ax.bar(x - 0.2, [r[naive][key] for r in rows], 0.4, label=naive)
-        ax.bar(x + 0.2, [r[fast][key] for r in rows], 0.4, label=fast)
+        ax.bar(x - 0.2, [median([v[key] for v in r[naive]]) for r in rows], 0.4, label=naive)
+        ax.bar(x + 0.2, [median([v[key] for v in r[fast]]) for r in rows], 0.4, label=fast)
         ax.set_xticks(x, labels, fontsize=8)
         ax.set_title(title)
         ax.set_yscale("log")
