@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from rmt.prompts import THINK_CLOSE
 
@@ -118,6 +118,65 @@ def rollout_positions(engine: "RolloutEngine", pre: list[int], post: list[int], 
     prompts = [list(pre) + [int(i) for i in w[: int(t)]] + list(post)
                for w, pos in zip(windows, positions) for t in pos for _ in range(copies)]
     return engine.generate(prompts, seeds, max_reasoning_tokens)
+
+
+class RoomyLayer(DynamicLayer):
+    """A full-attention cache layer whose keys and values live in buffers with room to grow: a decoded token is
+    written in place, where `DynamicLayer` concatenates the whole cache at every step (copying it all, which
+    took a sixth of a CPU rollout). `keys` / `values` are views of the filled part."""
+
+    def __init__(self, room: int = 64):
+        super().__init__()
+        self.room = room
+        self._keys = self._values = None
+        self._length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self._keys is None or self._length + n > self._keys.shape[-2]:
+            self._grow(self._length + n + self.room, key_states, value_states)
+        self._keys[:, :, self._length : self._length + n] = key_states
+        self._values[:, :, self._length : self._length + n] = value_states
+        self._length += n
+        self._view()
+        return self.keys, self.values
+
+    def _grow(self, size: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        keys = key_states.new_empty((*key_states.shape[:2], size, key_states.shape[-1]))
+        values = value_states.new_empty((*value_states.shape[:2], size, value_states.shape[-1]))
+        if self._keys is not None:
+            keys[:, :, : self._length] = self._keys[:, :, : self._length]
+            values[:, :, : self._length] = self._values[:, :, : self._length]
+        self._keys, self._values = keys, values
+
+    def _view(self) -> None:
+        self.keys = self._keys[:, :, : self._length]
+        self.values = self._values[:, :, : self._length]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._length:
+            self._keys = self._keys.repeat_interleave(repeats, dim=0)
+            self._values = self._values.repeat_interleave(repeats, dim=0)
+            self._view()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._length:
+            self._keys, self._values = self._keys[indices], self._values[indices]
+            self._view()
+
+
+def roomy_cache(room: int, prefilled=None) -> DynamicCache:
+    """A `DynamicCache` of `RoomyLayer`s (`room` spare tokens per growth), optionally holding
+    `prefilled` [(keys, values) per layer]."""
+    cache = DynamicCache()
+    Cache.__init__(cache, layer_class_to_replicate=lambda: RoomyLayer(room))
+    for keys, values in prefilled or ():
+        layer = RoomyLayer(room)
+        layer.update(keys, values)
+        cache.layers.append(layer)
+    return cache
 
 
 class _Row:
@@ -279,7 +338,9 @@ class RolloutEngine:
             mask[i, width - len(r.prompt_ids) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        room = cap + len(self.close_ids) + len(self.box_ids) + self.settings.answer_tokens + 1
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=roomy_cache(room),
+                         use_cache=True, logits_to_keep=1)
         self._decode([_Row(r, cap) for r in batch], generators, out.cache, out.logits[:, -1], mask, positions[:, -1] + 1)
 
     def _decode(self, rows: list[_Row], generators: list[torch.Generator], cache, logits, mask, next_pos) -> None:
@@ -351,7 +412,8 @@ class RolloutEngine:
         ids = torch.tensor(prompt_tails, dtype=torch.long, device=device)
         mask = mask.to(device)
         positions = torch.tensor(cached, device=device).unsqueeze(1) + torch.arange(tail, device=device)
-        cache = DynamicCache(ddp_cache_data=list(zip(keys, values)))
+        room = tail + cap + len(self.close_ids) + len(self.box_ids) + self.settings.answer_tokens + 1
+        cache = roomy_cache(room, zip(keys, values))
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                          logits_to_keep=1)
         cache = out.cache
