@@ -41,7 +41,7 @@ from rmt.rollout import answer_format_ids
 from rmt.runs import DataOrder, TrainingRun, add_resume_arguments, check_run_dir, config_for
 from rmt.scored import load_scored, ntp_target_mask
 
-THOUGHTS = ("tail", "empty")
+THOUGHTS = ("empty", "tail", "mixed")
 
 
 @dataclass
@@ -60,9 +60,11 @@ class WarmupConfig(RunConfig):
     """Examples per document: positions drawn uniformly above the entropy floor."""
     thought: str = "empty"
     """empty: no thought, `</think>` at once (measured best, README "The cold start"); tail: the thought
-    restates the last `thought_tokens` tokens of the context."""
+    restates the last `thought_tokens` tokens of the context; mixed: it restates the last k tokens, k drawn
+    uniformly from 0..thought_tokens per example, so the warmed model writes thoughts of many lengths for
+    the budget's length reward to choose among."""
     thought_tokens: int = 4
-    """Tokens of the context the `tail` thought restates."""
+    """Tokens of the context the `tail` thought restates (the most the `mixed` one does)."""
     budgets: list[int | None] = field(default_factory=lambda: [None, 4, 8, 16, 32])
     """Budgets B named in the prompts (one drawn per document; null: no budget in the prompt)."""
     prompt_style: str = "auto"
@@ -103,10 +105,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def example_response(window_ids, position: int, thought: str, thought_tokens: int, format_ids) -> list[int]:
-    """The target response for position t: the thought, `\\n</think>`, ` \\boxed{`, the token x_t, `}`."""
+    """The target response for position t: the thought (the last `thought_tokens` tokens of the context, or
+    none), `\\n</think>`, ` \\boxed{`, the token x_t, `}`."""
     close_ids, box_ids, end_ids = format_ids
     ids = [int(i) for i in window_ids]
-    restated = ids[max(0, position - thought_tokens) : position] if thought == "tail" else []
+    restated = ids[max(0, position - thought_tokens) : position] if thought != "empty" and thought_tokens else []
     return restated + close_ids + box_ids + [ids[position]] + end_ids
 
 
@@ -141,18 +144,22 @@ def warmup(config: WarmupConfig, resume: bool = False, allow_changes: bool = Fal
             chosen = rng.choice(eligible, size=min(config.positions_per_doc, eligible.size), replace=False)
             step_positions.append(np.sort(chosen))
             step_budgets.append(config.budgets[int(rng.integers(len(config.budgets)))])
+        # Thought lengths: fixed, or (mixed) drawn per example; drawn for the whole step on every process.
+        step_lengths = [rng.integers(0, config.thought_tokens + 1, size=len(p)) if config.thought == "mixed"
+                        else np.full(len(p), config.thought_tokens) for p in step_positions]
         _, docs = run.share(step_docs)
         _, positions = run.share(step_positions)
         _, budgets = run.share(step_budgets)
+        _, thought_lengths = run.share(step_lengths)
 
         # ---- examples and the update: NLL of the responses + λ·NTP, one document (prompt) at a time -------
         losses = {"loss": 0.0, "loss_rl": 0.0, "loss_ntp": 0.0}
         n_docs = len(docs)
-        for d, (w, pos, budget) in enumerate(zip(docs, positions, budgets)):
+        for d, (w, pos, budget, lengths) in enumerate(zip(docs, positions, budgets, thought_lengths)):
             pre, post = prompt.parts(budget)
             trajectories = []
-            for t in pos:
-                response = example_response(w.input_ids, int(t), config.thought, config.thought_tokens, format_ids)
+            for t, k in zip(pos, lengths):
+                response = example_response(w.input_ids, int(t), config.thought, k, format_ids)
                 trajectories.append(Trajectory(pre + [int(i) for i in w.input_ids[:t]] + post, response,
                                                [1] * len(response), doc=0, position=int(t)))
             # Each document is its own packed update of equal weight: its losses are scaled by 1/n_docs.
