@@ -193,6 +193,13 @@ def test_claims_and_paired_differences_from_hand_made_evaluations(tmp_path):
     assert verdicts["RMT's NTR accuracy is above RPT's"] == "contradicts"
     assert verdicts["RMT reasons much shorter than RPT (paper: 21% of RPT's length)"] == "contradicts"
 
+    # No reasoning at all in either (an empty-thought cold start): cannot tell, and no ratio to nothing.
+    empty = load_rows([_hand_made_run(tmp_path / "c" / "rpt", "rpt", rpt, [0] * n, entropy),
+                       _hand_made_run(tmp_path / "c" / "rmt", "rmt", rpt, [0] * n, entropy)])
+    length_claim = [c for c in claims(empty) if c[0].startswith("RMT reasons")][0]
+    assert length_claim[1] == "cannot tell" and "nan" not in length_claim[2]
+    assert "RPT's mean is 0 tokens" in length_claim[2]
+
 
 def test_the_ablation_order_claim(tmp_path):
     from rmt.report import claims

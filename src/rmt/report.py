@@ -281,11 +281,13 @@ def claims(rows: list[Row]) -> list[tuple[str, str, str]]:
         out.append(("RMT's NTR accuracy is above RPT's", v, f"Avg. difference {_diff_cell(d)} points, "
                     f"paired over {c['n']} positions"))
         length = c["length"]
-        ratio = _mean_length(rmt) / _mean_length(rpt) if _mean_length(rpt) else float("nan")
         v = {"lower": "supports", "higher": "contradicts"}.get(verdict(length["ci"]), "cannot tell")
+        if _mean_length(rpt):
+            means = f"RMT's mean is {100 * _mean_length(rmt) / _mean_length(rpt):.0f}% of RPT's"
+        else:  # a ratio to nothing says nothing
+            means = f"RPT's mean is 0 tokens, RMT's {_mean_length(rmt):.1f}"
         out.append(("RMT reasons much shorter than RPT (paper: 21% of RPT's length)", v,
-                    f"length difference {_diff_cell(length, 1.0)} tokens; RMT's mean is "
-                    f"{100 * ratio:.0f}% of RPT's"))
+                    f"length difference {_diff_cell(length, 1.0)} tokens; {means}"))
     else:
         out.append(("RMT's NTR accuracy is above RPT's", "not run", "needs evaluated rmt and rpt rows"))
     ablations = {tag: _find(rows, f"rmt w/o {tag}") for tag in ("NTP", "DTB", "CAS")}
