@@ -218,3 +218,10 @@ def test_the_ablation_order_claim(tmp_path):
     rows = load_rows([_hand_made_run(tmp_path / "x" / name, "rmt", exact, [2] * n, entropy, *o)
                       for name, exact, o in runs])
     assert next(v for c, v, _ in claims(rows) if c == claim) == "contradicts"
+    # The order holds among the ablations, but every one of them beats full RMT: contradicts.
+    runs = [("rmt", right(1), ()), ("no-ntp", right(3), ("ntp.weight=0",)),
+            ("no-dtb", right(5), ("budget.enabled=false",)), ("no-cas", right(7), ("curriculum.enabled=false",))]
+    rows = load_rows([_hand_made_run(tmp_path / "y" / name, "rmt", exact, [2] * n, entropy, *o)
+                      for name, exact, o in runs])
+    verdict, evidence = next((v, e) for c, v, e in claims(rows) if c == claim)
+    assert verdict == "contradicts" and "negative cost" in evidence
