@@ -297,7 +297,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     preset = parser.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true", help="toy sizes (a few minutes): the packaged demo-quick.yaml")
     preset.add_argument("--study", action="store_true",
-                        help="the longer study (about 2 hours on 2 CPU cores): ablations, RLP and post-training "
+                        help="the longer study (about 1.5 hours on 2 CPU cores): ablations, RLP and post-training "
                              "(the packaged demo-study.yaml)")
     preset.add_argument("--config", help="a demo config file instead of the packaged one")
     parser.add_argument("--model", help=f"model instead of the embedded {EMBEDDED_MODEL} (sets train.model)")
