@@ -303,7 +303,7 @@ def main() -> None:
                 print(f"  {r['model']:>22} {'x'.join(map(str, r['config'])):>9}: ours {ours:7.1f} s, "
                       f"TRL {trl_s:7.1f} s ({summary([t['seconds'] for t in r['trl']])}), TRL/ours {trl_s / ours:5.2f}; "
                       f"peak MB ours {peak:.0f}, TRL {max(t['peak_mb'] for t in r['trl']):.0f}")
-    plot(rows, args.out)
+    plot(rows, gflops, args.out)
     print(f"plot: {args.out}")
 
 
@@ -327,28 +327,29 @@ def print_row(r: dict, gflops: float, header: bool) -> None:
         print(f"{'':>33} | {fast} / {naive}: {summary(ratios)}x faster (per repeat)")
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], gflops: float, path: str) -> None:
+    """One panel per model and configuration: each variant's median seconds (bars, linear scale) and the
+    time its FLOPs would take at the measured matmul rate (black ticks)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['model'].split('-')[0]}\n{'x'.join(map(str, r['config']))}" for r in rows]
-    x = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    panels = [
-        ("rollout seconds (median)", "naive-rollout", "shared-rollout", "seconds"),
-        ("training forward+backward seconds (median)", "naive-train", "packed-train", "seconds"),
-        ("peak memory of training (MB)", "naive-train", "packed-train", "peak_mb"),
-    ]
-    for ax, (title, naive, fast, key) in zip(axes, panels):
-        ax.bar(x - 0.2, [median([v[key] for v in r[naive]]) for r in rows], 0.4, label=naive)
-        ax.bar(x + 0.2, [median([v[key] for v in r[fast]]) for r in rows], 0.4, label=fast)
-        ax.set_xticks(x, labels, fontsize=8)
-        ax.set_title(title)
-        ax.set_yscale("log")
+    names = {"naive-rollout": "rollout\nnaive", "shared-rollout": "rollout\nshared", "naive-train": "train\nnaive",
+             "packed-train": "train\npacked", "trl": "TRL\nstep"}
+    fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 3.8), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        modes = [m for m in names if m in r]
+        seconds = [median([x["seconds"] for x in r[m]]) for m in modes]
+        limits = [median([x["flops"] for x in r[m]]) / (gflops * 1e9) for m in modes]
+        ax.bar(range(len(modes)), seconds, color=["#9ecae1", "#3182bd", "#fdae6b", "#e6550d", "#74c476"][: len(modes)])
+        ax.scatter(range(len(modes)), limits, marker="_", s=900, color="k", label="FLOP limit (measured matmul rate)")
+        for k, v in enumerate(seconds):
+            ax.text(k, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(modes)), [names[m] for m in modes], fontsize=8)
+        ax.set_title(f"{r['model']}, {'x'.join(map(str, r['config']))} (context x P x G)", fontsize=10)
+        ax.set_ylabel("seconds (median)")
         ax.legend(fontsize=8)
-    fig.suptitle("one RL step per document: naive vs shared-prefix (CONTEXTxPxG)")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
