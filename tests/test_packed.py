@@ -209,3 +209,30 @@ def test_lambda_weighs_what_is_backpropagated(setup, backend):
     for name, g in both.items():
         torch.testing.assert_close(g, rl_only[name] + 0.3 * ntp_only[name], atol=1e-6, rtol=1e-4, msg=name)
     model.zero_grad(set_to_none=True)
+
+
+def test_update_stats_are_token_means_over_every_chunk(setup):
+    """The logged KL to a reference is the token mean over the whole step, however many chunks it took
+    (not the last chunk's)."""
+    import copy
+
+    tokenizer, model, builder, docs, positions = setup
+    pre, post = builder.parts(BUDGET)
+    items = random_items(setup, len(post), seed=5)
+    trajectories = [Trajectory(pre + [int(x) for x in docs[it.doc].input_ids[: it.position]] + post,
+                               it.response_ids, it.sampled_mask, 1.0, it.doc, it.position) for it in items]
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    settings = UpdateSettings(kl_coef=0.1)
+
+    def kl(micro_batch):
+        model.zero_grad(set_to_none=True)
+        backend = PerRolloutBackend(tokenizer.pad_token_id, micro_batch)
+        return policy_update(model, trajectories, settings=settings, backend=backend, reference=reference)["kl"]
+
+    one_chunk, many_chunks = kl(len(trajectories)), kl(2)
+    assert one_chunk > 0
+    assert many_chunks == pytest.approx(one_chunk, rel=1e-4)
+    model.zero_grad(set_to_none=True)

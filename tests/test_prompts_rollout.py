@@ -129,3 +129,36 @@ def test_thought_length_counts_the_thought_only(tiny_model_dir):
     words = encode(" apples and books")
     assert thought_length(tokenizer, words + encode("\n</think>")) == len(words)
     assert thought_length(tokenizer, words + encode("</think>")) == len(words)
+
+
+def test_roomy_cache_layer_holds_what_the_dynamic_one_holds():
+    """Writes in place across growths, then reorders rows, as `DynamicLayer` does by concatenation."""
+    from transformers.cache_utils import DynamicLayer
+
+    from rmt.rollout import RoomyLayer
+
+    g = torch.Generator().manual_seed(0)
+    roomy, dynamic = RoomyLayer(room=3), DynamicLayer()
+
+    def update(n):
+        k, v = torch.randn(2, 2, n, 4, generator=g), torch.randn(2, 2, n, 4, generator=g)
+        for layer in (roomy, dynamic):
+            layer.update(k, v)
+        torch.testing.assert_close(roomy.keys, dynamic.keys, rtol=0, atol=0)
+        torch.testing.assert_close(roomy.values, dynamic.values, rtol=0, atol=0)
+
+    update(5)  # a prefill, then more single tokens than one growth's room
+    for _ in range(7):
+        update(1)
+    roomy.batch_repeat_interleave(3)
+    dynamic.batch_repeat_interleave(3)
+    rows = torch.tensor([5, 0, 2])
+    roomy.batch_select_indices(rows)
+    dynamic.batch_select_indices(rows)
+    for _ in range(4):
+        k, v = torch.randn(3, 2, 1, 4, generator=g), torch.randn(3, 2, 1, 4, generator=g)
+        roomy.update(k, v)
+        dynamic.update(k, v)
+    torch.testing.assert_close(roomy.keys, dynamic.keys, rtol=0, atol=0)
+    torch.testing.assert_close(roomy.values, dynamic.values, rtol=0, atol=0)
+    assert roomy.keys.shape == (3, 2, 16, 4)

@@ -65,6 +65,16 @@ class BudgetConfig:
             (self.max_reasoning_tokens >= 1, "budget.max_reasoning_tokens must be >= 1"),
         ])
 
+    def at(self, step: int, total_steps: int) -> int | None:
+        """B_t of a step (SPEC §3); None with the dynamic budget off."""
+        from rmt.budget import token_budget
+
+        return token_budget(step, total_steps, self.b0, self.b_min, self.gamma) if self.enabled else None
+
+    def cap(self, step_budget: int | None) -> int:
+        """Reasoning tokens a rollout may spend: 2·B_t (past it the length reward is 0), or the fixed cap."""
+        return 2 * step_budget if step_budget is not None else self.max_reasoning_tokens
+
 
 @dataclass
 class CurriculumConfig:

@@ -162,7 +162,8 @@ def policy_update(model, trajectories: list[Trajectory], documents=(), ntp_masks
     advantages = torch.tensor([t.advantage for t in trajectories], dtype=torch.float32)
     specs = backend.plan(trajectories, list(documents), with_ntp=ntp_tokens > 0) if (trajectories or ntp_tokens) else []
     sums = {"rl": 0.0, "ntp": 0.0}
-    stats: dict[str, float] = {}
+    weighted: dict[str, float] = {}  # clip / KL stats times their chunk's loss tokens
+    stat_tokens = 0.0
     n_chunks = int(global_max(len(specs)))
     for i in range(len(specs), n_chunks):  # fillers first: the real work's last backward stays last
         with autocast():
@@ -174,14 +175,19 @@ def policy_update(model, trajectories: list[Trajectory], documents=(), ntp_masks
         device = chunk.logprobs.device if chunk.logprobs is not None else chunk.ntp_logits.device
         loss_rl = loss_ntp = torch.zeros((), device=device)
         if chunk.rows and rl_tokens:
-            loss_rl, stats = _rl_loss(chunk, advantages[chunk.rows].to(device), settings, rl_tokens,
-                                      _reference_logprobs(reference, backend, spec, ntp_masks, autocast))
+            loss_rl, chunk_stats = _rl_loss(chunk, advantages[chunk.rows].to(device), settings, rl_tokens,
+                                            _reference_logprobs(reference, backend, spec, ntp_masks, autocast))
+            tokens = float(chunk.mask.sum())
+            for key, value in chunk_stats.items():  # token means over this process's chunks
+                weighted[key] = weighted.get(key, 0.0) + value * tokens
+            stat_tokens += tokens
         if chunk.ntp_logits is not None and ntp_tokens:
             loss_ntp = ntp_loss(chunk.ntp_logits, chunk.ntp_ids, chunk.ntp_target) * (chunk.ntp_target.sum() / ntp_tokens)
         backward(dual_objective(loss_rl, loss_ntp, lam), n_chunks - len(specs) + i == n_chunks - 1)
         sums["rl"] += float(loss_rl.detach())
         sums["ntp"] += float(loss_ntp.detach())
     loss_rl, loss_ntp = global_sum(sums["rl"]), global_sum(sums["ntp"])
+    stats = {key: value / stat_tokens for key, value in weighted.items()}
     return {"loss": float(dual_objective(loss_rl, loss_ntp, lam)), "loss_rl": loss_rl, "loss_ntp": loss_ntp,
             "chunks": len(specs), **stats}
 

@@ -35,7 +35,7 @@ from rmt.mathdata import MATH_INSTRUCTION, MathQuestion, QuestionPrompt, check_d
 from rmt.rewards import MathAnswer, RewardContext, extract_prediction, import_reward
 from rmt.rollout import RolloutEngine, RolloutSettings, engine_options, make_engine
 from rmt.runs import (DataOrder, TrainingRun, add_resume_arguments, check_run_dir, config_for, gathered_weights,
-                      rollout_seed)
+                      resume_options, rollout_seed)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "posttrain.yaml"
 EVAL_FILE = "posttrain_eval.json"
@@ -113,8 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_for(args, PostTrainConfig, FLAGS, default_file=str(DEFAULT_CONFIG))
-    posttrain(config, resume=args.resume, allow_changes=args.allow_changes,
-              previous_if_damaged=args.from_previous_checkpoint)
+    posttrain(config, **resume_options(args))
     return 0
 
 

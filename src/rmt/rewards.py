@@ -9,6 +9,7 @@ the trainer's state (`RewardContext`: step, total steps, budget B_t). `"reward"`
 advantages are computed from; the other keys are its parts, which the trainer logs as `reward_<part>_mean`.
 A reward may keep state across steps: `after_step(model)` is called after every optimizer step, and
 `state_dict()` / `load_state_dict()` go into checkpoints (RLP's moving-average baseline model does both).
+A reward that runs the policy sets `runs_policy = True`: the trainer then gathers sharded weights for it.
 `build_reward` makes the configured one; a new reward is a class with `__call__` and an entry in `REWARDS`
 -- or, without touching this package, a class of your own named in the config as `package.module:Class`.
 """
@@ -204,6 +205,7 @@ class RLPReward:
     """
 
     name = "rlp"
+    runs_policy = True  # teacher-forced forwards of the policy: sharded weights must be gathered
 
     def __init__(self, policy, tokenizer, decay: float = 0.999, batch_size: int = 16):
         import copy

@@ -115,6 +115,12 @@ def add_resume_arguments(parser) -> None:
                         help="with --resume: if the latest checkpoint is damaged, resume from the previous whole one")
 
 
+def resume_options(args) -> dict:
+    """The keyword arguments of a recipe (train, warmup, posttrain) that `add_resume_arguments` parsed."""
+    return {"resume": args.resume, "allow_changes": args.allow_changes,
+            "previous_if_damaged": args.from_previous_checkpoint}
+
+
 def config_for(args, schema, flags, default_file=None):
     """The config of a training command. With --resume and no --config, the run's saved config.yaml is the
     base, so `--resume --out RUN` alone continues the run as it was."""

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rmt.budget import token_budget
 from rmt.config import Flag, TrainConfig, add_config_arguments, config_from_args, config_to_dict
 from rmt.curriculum import BandSampler, band_probabilities
 from rmt.difficulty import BAND_NAMES, EASY
@@ -27,7 +26,7 @@ from rmt.prompts import PromptBuilder
 from rmt.rewards import NextToken, RewardContext, build_reward, extract_prediction
 from rmt.rollout import RolloutSettings, engine_options, make_engine, rollout_positions
 from rmt.runs import (DataOrder, TrainingRun, add_resume_arguments, check_run_dir, config_for, gathered_weights,
-                      rollout_seed)
+                      resume_options, rollout_seed)
 from rmt.scored import load_scored, ntp_target_mask
 
 FLAGS = (
@@ -42,8 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    train(config_for(args, TrainConfig, FLAGS), resume=args.resume, allow_changes=args.allow_changes,
-          previous_if_damaged=args.from_previous_checkpoint)
+    train(config_for(args, TrainConfig, FLAGS), **resume_options(args))
     return 0
 
 
@@ -84,9 +82,8 @@ def train(config: TrainConfig, resume: bool = False, reward=None, allow_changes:
     for step in progress:
         t0 = time.perf_counter()
         # ---- budget B_t and band mix p_t (SPEC §3, §5) -----------------------------------------------------
-        budget = token_budget(step, T, config.budget.b0, config.budget.b_min, config.budget.gamma) \
-            if config.budget.enabled and rl else None
-        cap = 2 * budget if budget is not None else config.budget.max_reasoning_tokens
+        budget = config.budget.at(step, T) if rl else None
+        cap = config.budget.cap(budget)
         c = config.curriculum
         probs = band_probabilities(step, T, tuple(c.p_early), tuple(c.p_late), c.t1, c.t2) if c.enabled else None
         pre, post = prompt.parts(budget)
@@ -117,7 +114,7 @@ def train(config: TrainConfig, resume: bool = False, reward=None, allow_changes:
             # ---- rewards and group advantages (SPEC §4, §6; §13 for RLP) ------------------------------
             t1 = time.perf_counter()
             tasks = [NextToken(docs[d].input_ids, t) for d, t in where for _ in range(G)]
-            with gathered_weights(run.model):  # a reward may run the policy (RLP)
+            with gathered_weights(run.model) if getattr(reward, "runs_policy", False) else contextlib.nullcontext():
                 scores = reward(rollouts, tasks, RewardContext(step, T, budget))
             rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32).view(-1, G)
             advantages, zero_std = advantages_of(rewards, config.rl.adv_eps)

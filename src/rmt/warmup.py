@@ -38,7 +38,7 @@ from rmt.errors import RmtError
 from rmt.grpo import PackedBackend, Trajectory, UpdateSettings, policy_update
 from rmt.prompts import PromptBuilder
 from rmt.rollout import answer_format_ids
-from rmt.runs import DataOrder, TrainingRun, add_resume_arguments, check_run_dir, config_for
+from rmt.runs import DataOrder, TrainingRun, add_resume_arguments, check_run_dir, config_for, resume_options
 from rmt.scored import load_scored, ntp_target_mask
 
 THOUGHTS = ("empty", "tail", "mixed")
@@ -99,8 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    warmup(config_for(args, WarmupConfig, FLAGS), resume=args.resume, allow_changes=args.allow_changes,
-           previous_if_damaged=args.from_previous_checkpoint)
+    warmup(config_for(args, WarmupConfig, FLAGS), **resume_options(args))
     return 0
 
 
@@ -173,7 +172,7 @@ def warmup(config: WarmupConfig, resume: bool = False, allow_changes: bool = Fal
         grad_norm = run.optimizer_step()
 
         # ---- log, checkpoint --------------------------------------------------------------------------
-        record = {"step": step + 1, **{k: run.global_sum(v) / run.world for k, v in losses.items()},
+        record = {"step": step + 1, **losses,  # policy_update's losses are already over every process
                   "examples": int(sum(len(p) for p in step_positions)), "lr": run.lr, "grad_norm": grad_norm,
                   "doc_ids": [w.doc_id for w in step_docs], "step_seconds": time.perf_counter() - t0}
         run.log(record)

@@ -45,7 +45,6 @@ except ImportError as exc:  # the optional extra is missing
 from accelerate.utils import gather_object
 from datasets import IterableDataset
 
-from rmt.budget import token_budget
 from rmt.config import BudgetConfig, CurriculumConfig
 from rmt.curriculum import BandSampler, band_probabilities
 from rmt.difficulty import BAND_NAMES, EASY
@@ -58,16 +57,6 @@ from rmt.rollout import Rollout, answer_format_ids, thought_length
 from rmt.runs import DataOrder
 from rmt.scored import load_scored, ntp_target_mask
 from rmt.train import band_means
-
-
-def step_budget(budget: BudgetConfig, step: int, total_steps: int) -> int | None:
-    """B_t of a step as `rmt train` computes it; None with the dynamic budget off."""
-    return token_budget(step, total_steps, budget.b0, budget.b_min, budget.gamma) if budget.enabled else None
-
-
-def reasoning_cap(budget: BudgetConfig, step_budget: int | None) -> int:
-    """Reasoning tokens a rollout may spend: 2·B_t (past it the length reward is 0), or the fixed cap."""
-    return 2 * step_budget if step_budget is not None else budget.max_reasoning_tokens
 
 
 # ---- the training stream ---------------------------------------------------------------------------------
@@ -109,7 +98,7 @@ class NextTokenPrompts:
         return self.docs_per_step * self.positions_per_doc
 
     def budget_at(self, step: int) -> int | None:
-        return step_budget(self.budget, step, self.total_steps)
+        return self.budget.at(step, self.total_steps)
 
     def band_probs_at(self, step: int):
         c = self.curriculum
@@ -191,12 +180,12 @@ class NextTokenReward:
     def __call__(self, prompts, completions, completion_ids, trainer_state, input_ids, position,
                  log_metric=None, budget=None, band=None, **columns) -> list[float]:
         step, total = trainer_state.global_step, trainer_state.max_steps
-        b_t = step_budget(self.budget, step, total)
+        b_t = self.budget.at(step, total)
         if budget is not None and any(b != b_t for b in budget):
             raise RmtError(f"{self.__name__}: the prompts carry budget {sorted(set(budget))} but the trainer is at "
                            f"step {step} of {total}, where B_t = {b_t}; align the stream and the trainer "
                            "(one block per optimizer step, max_steps = total_steps)")
-        cap = reasoning_cap(self.budget, b_t)
+        cap = self.budget.cap(b_t)
         rollouts = [completion_rollout(self.tokenizer, ids, cap) for ids in completion_ids]
         tasks = [NextToken(ids, int(t)) for ids, t in zip(input_ids, position, strict=True)]
         scores = self.reward(rollouts, tasks, RewardContext(step, total, b_t))
@@ -251,7 +240,7 @@ class RMTGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, rows):
         if "budget" in rows[0]:
-            cap = reasoning_cap(self.prompts.budget, rows[0]["budget"]) + self.answer_room
+            cap = self.prompts.budget.cap(rows[0]["budget"]) + self.answer_room
             cap = min(cap, self.max_completion_length or cap)
             if self.use_vllm:
                 self.vllm_generation.max_completion_length = cap
