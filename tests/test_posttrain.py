@@ -7,12 +7,14 @@ import torch
 from helpers import assert_same_record, run_and_kill, subprocess_env
 from safetensors.torch import load_file
 
+from rmt import assets
 from rmt.checkpoint import latest_checkpoint
 from rmt.cli import main
 from rmt.corpus import load_corpus, split_corpus
 from rmt.errors import RmtError
 from rmt.mathdata import QuestionPrompt, check_disjoint, load_math_data, math_reward, normalize_question
 from rmt.posttrain import load_posttrain_config, posttrain
+from rmt.rollout import answer_format_ids
 
 TIMING = ("rollout_seconds", "train_seconds", "step_seconds", "seconds")
 
@@ -152,18 +154,20 @@ def test_posttrain_end_to_end(tiny_model_dir, tiny_questions, tmp_path, capsys):
     assert main(["posttrain", f"--out={out}", *tiny_overrides(tiny_model_dir, tiny_questions)]) == 0
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
+    # Sampled tokens: reasoning up to the cap (8), a closing tag begun there (`tag` tokens), the answer (3).
+    tag = len(answer_format_ids(assets.load_tokenizer(str(tiny_model_dir)))[0])
     for m in metrics:
         for key in ("reward_mean", "accuracy", "response_len_mean", "format_ok_frac", "zero_std_groups", "loss",
                     "lr", "grad_norm", "step_seconds"):
             assert key in m
-        assert m["tokens_generated"] <= 2 * 4 * (8 + 3)
+        assert m["tokens_generated"] <= 2 * 4 * (8 + tag + 3)
     assert any(m["grad_norm"] > 0 for m in metrics)
     assert latest_checkpoint(out).name == "step-000003"
     report = json.loads((out / "posttrain_eval.json").read_text())
     assert report["source"] == tiny_questions and report["n_eval"] == 4
     for phase in ("before", "after"):
         assert report[phase]["n"] == 4 and 0 <= report[phase]["accuracy"] <= 1
-        assert 0 < report[phase]["response_len_mean"] <= 8 + 3
+        assert 0 < report[phase]["response_len_mean"] <= 8 + tag + 3
     samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
     assert [s["phase"] for s in samples] == ["before"] * 4 + ["after"] * 4
     table = capsys.readouterr().out

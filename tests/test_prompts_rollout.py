@@ -54,12 +54,13 @@ def test_answer_forcing_inserts_and_masks_the_format(tiny):
     engine, tokenizer = _engine(tiny)
     prompts = [PromptBuilder(tokenizer).prompt_ids(tokenizer("a b c d")["input_ids"], 2, 3)] * 5
     for r in engine.generate(prompts):
-        assert r.reasoning_len <= 6 and not r.closed_think  # a random model never closes </think>
+        # A random model never closes </think>; past the cap (6) only a begun closing tag may go on.
+        assert r.reasoning_len <= 6 + len(engine.close_ids) and not r.closed_think
         assert len(r.response_ids) == len(r.sampled_mask)
         inserted = [t for t, m in zip(r.response_ids, r.sampled_mask) if m == 0]
         assert inserted == engine.close_ids + engine.box_ids
         assert "</think>" in r.text and "\\boxed{" in r.text
-        assert sum(r.sampled_mask) <= 6 + 3
+        assert sum(r.sampled_mask) <= 6 + len(engine.close_ids) + 3
 
 
 def test_without_forcing_a_missing_answer_is_none(tiny):
@@ -95,27 +96,58 @@ def test_greedy_is_deterministic(tiny):
     assert a.response_ids[0] == first
 
 
+def _generate_edited(engine, model, tokenizer, edit, budget):
+    """One rollout of a prompt with every forward's output passed through `edit(out, kwargs)` first."""
+    original = model.forward
+
+    def edited(*args, **kwargs):
+        out = original(*args, **kwargs)
+        edit(out, kwargs)
+        return out
+
+    model.forward = edited
+    try:
+        (r,) = engine.generate([PromptBuilder(tokenizer).prompt_ids(tokenizer("a b")["input_ids"], 1, budget)])
+    finally:
+        model.forward = original
+    return r
+
+
 def test_an_end_of_sequence_during_reasoning_is_replaced_by_the_forced_answer(tiny):
     model, tokenizer = tiny
     engine, _ = _engine(tiny, max_reasoning_tokens=20)
     eos = tokenizer.eos_token_id
-    original = model.forward
 
-    def eos_after_two(*args, **kwargs):  # the policy wants to stop after two reasoning tokens
-        out = original(*args, **kwargs)
+    def eos_after_two(out, kwargs):  # the policy wants to stop after two reasoning tokens
         if kwargs.get("cache") is not None and kwargs["input_ids"].shape[1] == 1:
             out.logits[..., eos] = 1e4
-        return out
 
-    model.forward = eos_after_two
-    try:
-        (r,) = engine.generate([PromptBuilder(tokenizer).prompt_ids(tokenizer("a b")["input_ids"], 1, 3)])
-    finally:
-        model.forward = original
+    r = _generate_edited(engine, model, tokenizer, eos_after_two, budget=3)
     # The first token came from the prefill's logits; the EOS sampled next was replaced by the format.
     forced = engine.close_ids + engine.box_ids
     assert r.response_ids[0] != eos and r.reasoning_len == 1
     assert r.response_ids[1 : 1 + len(forced)] == forced and r.sampled_mask[1 : 1 + len(forced)] == [0] * len(forced)
+
+
+@pytest.mark.parametrize("thought", [0, 1, 2])
+def test_a_closing_tag_begun_at_the_cap_may_finish(tiny, thought):
+    """At B_t = 1 the cap is 2 tokens, fewer than `\n</think>` takes: a tag begun by the cap may finish; a
+    thought that fills the cap without beginning one is cut there and the tag inserted."""
+    model, tokenizer = tiny
+    engine, _ = _engine(tiny, max_reasoning_tokens=2, temperature=0.0)
+    word, brace = tokenizer(" a", add_special_tokens=False)["input_ids"][0], tokenizer("}", add_special_tokens=False)["input_ids"][0]
+    # The token the scripted policy writes at each response position (inserted ones: any).
+    script = [word] * thought + engine.close_ids + [word] * len(engine.box_ids) + [word, brace]
+    calls = []
+
+    def scripted(out, kwargs):
+        out.logits[..., -1, script[min(len(calls), len(script) - 1)]] = 1e4
+        calls.append(1)
+
+    r = _generate_edited(engine, model, tokenizer, scripted, budget=1)
+    assert r.response_ids == [word] * thought + engine.close_ids + engine.box_ids + [word, brace]
+    assert r.closed_think == (thought < 2) and r.reasoning_len == thought
+    assert r.sampled_mask[: thought + len(engine.close_ids)] == [1] * thought + [int(thought < 2)] * len(engine.close_ids)
 
 
 def test_thought_length_counts_the_thought_only(tiny_model_dir):

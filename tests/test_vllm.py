@@ -100,10 +100,11 @@ def test_sampling_follows_the_seeds_not_the_batch(tiny):
     assert len({tuple(r.response_ids) for r in together[1:4]}) > 1  # one prompt, three seeds
     close, box = vllm.close_ids, vllm.box_ids
     for r in together:  # the record's own rules hold for sampled rollouts
-        assert len(r.response_ids) == len(r.sampled_mask) and r.reasoning_len <= 8
+        # The cap (8; a closing tag begun there may finish), then the answer's allowance.
+        assert len(r.response_ids) == len(r.sampled_mask) and r.reasoning_len <= 8 + len(close)
         inserted = [t for t, m in zip(r.response_ids, r.sampled_mask) if m == 0]
         assert inserted == (box if r.closed_think else close + box)
-        assert sum(r.sampled_mask) <= 8 + 3  # the cap, then the answer's allowance
+        assert sum(r.sampled_mask) <= 8 + len(close) + 3
         assert r.text == tokenizer.decode(r.response_ids)
 
 

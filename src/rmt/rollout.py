@@ -1,7 +1,8 @@
 """Batched two-phase rollouts with answer forcing (SPEC §3).
 
 Phase 1 samples reasoning until the policy writes `</think>` or reaches the cap (`2·B_t`, or a fixed
-maximum without the budget). Phase 2 samples the answer: with answer forcing, the rollout first appends
+maximum without the budget); a closing tag begun at the cap may finish, so that an empty thought can close
+itself even at B_t = 1. Phase 2 samples the answer: with answer forcing, the rollout first appends
 what is missing itself -- `</think>` if the policy did not close it, then `\\boxed{` -- and samples only
 the answer, up to its closing brace. Inserted tokens are marked in `sampled_mask` (0) so the RL loss
 ignores them. Without forcing the policy writes everything and a missing answer simply scores 0.
@@ -184,7 +185,7 @@ class _Row:
 
     def __init__(self, rollout: Rollout, cap: int):
         self.rollout = rollout
-        self.cap = cap  # reasoning tokens allowed
+        self.cap = cap  # reasoning tokens allowed (a closing tag begun at the cap may finish after it)
         self.phase = "reason"
         self.queue: list[int] = []  # tokens the rollout inserts before sampling resumes
         self.tail = ""  # recent reasoning text, to spot `</think>`
@@ -310,7 +311,10 @@ class RolloutEngine:
                 row.done = True
             elif THINK_CLOSE in row.tail:
                 self._end_reasoning(row, closed=True)
-            elif r.reasoning_len >= row.cap:
+            elif r.reasoning_len >= row.cap and not (r.reasoning_len < row.cap + len(self.close_ids)
+                                                     and opens_tag(row.tail)):
+                # A tag begun at the cap may finish: `\n</think>` takes several tokens, more than the cap of
+                # 2 at B_t = 1, where counting it against the cap left no rollout able to close `</think>`.
                 self._end_reasoning(row, closed=False)
         else:
             row.answer += piece
@@ -338,7 +342,7 @@ class RolloutEngine:
             mask[i, width - len(r.prompt_ids) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        room = cap + len(self.close_ids) + len(self.box_ids) + self.settings.answer_tokens + 1
+        room = cap + 2 * len(self.close_ids) + len(self.box_ids) + self.settings.answer_tokens + 1
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=roomy_cache(room),
                          use_cache=True, logits_to_keep=1)
         self._decode([_Row(r, cap) for r in batch], generators, out.cache, out.logits[:, -1], mask, positions[:, -1] + 1)
@@ -349,7 +353,7 @@ class RolloutEngine:
         s = self.settings
         device = self.model.device
         live = list(range(len(rows)))  # rows of the current batch tensors, by index into `rows`
-        max_steps = max(row.cap for row in rows) + len(self.close_ids) + len(self.box_ids) + s.answer_tokens
+        max_steps = max(row.cap for row in rows) + 2 * len(self.close_ids) + len(self.box_ids) + s.answer_tokens
         for _ in range(max_steps):
             sampled = _sample(logits, s.temperature, s.top_p, [generators[j] for j in live]).tolist()
             tokens = [self._step_row(rows[j], tok) for j, tok in zip(live, sampled)]
@@ -412,7 +416,7 @@ class RolloutEngine:
         ids = torch.tensor(prompt_tails, dtype=torch.long, device=device)
         mask = mask.to(device)
         positions = torch.tensor(cached, device=device).unsqueeze(1) + torch.arange(tail, device=device)
-        room = tail + cap + len(self.close_ids) + len(self.box_ids) + self.settings.answer_tokens + 1
+        room = tail + cap + 2 * len(self.close_ids) + len(self.box_ids) + self.settings.answer_tokens + 1
         cache = roomy_cache(room, zip(keys, values))
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                          logits_to_keep=1)
@@ -422,6 +426,11 @@ class RolloutEngine:
         mask = mask.repeat_interleave(copies, dim=0)
         next_pos = (positions[:, -1] + 1).repeat_interleave(copies)
         self._decode([_Row(r, cap) for r in batch], generators, cache, logits, mask, next_pos)
+
+
+def opens_tag(text: str) -> bool:
+    """Whether `text` ends with the beginning of a closing tag (`</think>`, or the line break before it)."""
+    return any(text.endswith(tag[:k]) for tag in (THINK_CLOSE, "\n" + THINK_CLOSE) for k in range(1, len(tag)))
 
 
 def _as_list(value) -> list[int]:

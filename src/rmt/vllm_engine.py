@@ -172,7 +172,9 @@ class VLLMEngine(RolloutEngine):
 
         s = self.settings
         reasoning = row.phase == "reason"
-        left = row.cap - row.rollout.reasoning_len if reasoning else s.answer_tokens - row.answer_sampled
+        # Past the cap only a closing tag may go on (the rules decide, token by token, in `_replay`).
+        left = row.cap + len(self.close_ids) - row.rollout.reasoning_len if reasoning else \
+            s.answer_tokens - row.answer_sampled
         return SamplingParams(
             temperature=s.temperature, top_p=s.top_p, seed=seed, max_tokens=max(1, left),
             stop=[THINK_CLOSE if reasoning else "}"], include_stop_str_in_output=True,
