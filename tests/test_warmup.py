@@ -97,3 +97,11 @@ def test_warmup_config_errors_are_clear(capsys):
         load_config(None, ["thought=story"], schema=WarmupConfig)
     assert main(["warmup", "budgets=[0]"]) == 2
     assert "budgets" in capsys.readouterr().err
+
+
+def test_default_budgets_cover_the_end_of_dtb():
+    """DTB ends at B_min: the cold start shows the model prompts that name it."""
+    from rmt.config import BudgetConfig
+
+    budgets = WarmupConfig().budgets
+    assert BudgetConfig().b_min in budgets and 2 in budgets and None in budgets

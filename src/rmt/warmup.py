@@ -65,8 +65,9 @@ class WarmupConfig(RunConfig):
     the budget's length reward to choose among."""
     thought_tokens: int = 4
     """Tokens of the context the `tail` thought restates (the most the `mixed` one does)."""
-    budgets: list[int | None] = field(default_factory=lambda: [None, 4, 8, 16, 32])
-    """Budgets B named in the prompts (one drawn per document; null: no budget in the prompt)."""
+    budgets: list[int | None] = field(default_factory=lambda: [None, 1, 2, 4, 8, 16, 32])
+    """Budgets B named in the prompts (one drawn per document; null: no budget in the prompt). Include
+    the budgets RL will name: DTB ends at B_min = 1."""
     prompt_style: str = "auto"
     """auto | chat | plain (see `rmt.prompts.PromptBuilder`); use the style the later stages use."""
     ntp_weight: float = 1.0
