@@ -225,3 +225,31 @@ def test_the_ablation_order_claim(tmp_path):
                       for name, exact, o in runs])
     verdict, evidence = next((v, e) for c, v, e in claims(rows) if c == claim)
     assert verdict == "contradicts" and "negative cost" in evidence
+
+
+def test_the_learning_table_from_hand_made_metrics(tmp_path):
+    """Overall match falls as the curriculum turns to the hard band, while each band's match rises: the
+    table says both, with intervals over steps."""
+    import json
+
+    from rmt.report import learning_table
+
+    n = 40
+    folder = _hand_made_run(tmp_path / "rmt", "rmt", [True] * n, [0] * n, [0.7] * n)
+    metrics = []
+    for step in range(1, 13):
+        late = step > 6
+        easy, hard = (0.6 + 0.01 * step, 0.2 + 0.01 * step)  # both bands rise a little every step
+        bands = {"easy": 2, "medium": 0, "hard": 6} if late else {"easy": 6, "medium": 0, "hard": 2}
+        overall = (bands["easy"] * easy + bands["hard"] * hard) / 8
+        metrics.append({"step": step, "reward_match_mean": overall, "match_easy": easy, "match_hard": hard,
+                        "sampled_bands": bands, "step_seconds": 1.0})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    text = learning_table(load_rows([folder]))
+    row = next(line for line in text.splitlines() if line.startswith("| rmt |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    # first 4 steps (0.75·easy + 0.25·hard = .51 … .54) vs the last 4 (0.25·easy + 0.75·hard = .39 … .42)
+    assert cells[1] == "52.5 → 40.5 (-12.0 [-13.5, -10.5])"
+    assert cells[2].startswith("62.5 → 70.5 (+8.0 [") and cells[4].startswith("22.5 → 30.5 (+8.0 [")
+    assert cells[3] == "—"  # no medium positions sampled
+    assert cells[5] == "falls / rises"

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from rmt.stats import mean_interval, paired_difference, paired_mean_difference, split_intervals, verdict
+from rmt.stats import (mean_interval, paired_difference, paired_mean_difference, split_intervals, thirds_difference,
+                       verdict)
 
 THRESHOLDS = (0.5, 1.0, 1.5)
 
@@ -68,3 +69,20 @@ def test_mean_intervals():
     assert mean_interval([]) == [None, None]
     d = paired_mean_difference([5.0, 6.0, 7.0], [1.0, 2.0, 3.0])
     assert d == {"diff": 4.0, "ci": [4.0, 4.0]}
+
+
+def test_thirds_difference_hand_computed():
+    # 9 steps: thirds are steps 0-2 and 6-8; the middle third is ignored.
+    values = [0.2, 0.4, 0.3, 9.0, 9.0, 9.0, 0.5, 0.7, 0.6]
+    out = thirds_difference(values)
+    assert out["first"] == pytest.approx(0.3) and out["last"] == pytest.approx(0.6)
+    assert out["diff"] == pytest.approx(0.3) and out["steps"] == 3
+    lo, hi = out["ci"]
+    assert 0.0 < lo <= 0.3 <= hi  # every resample of the last third beats every one of the first
+    # Weights: a step counts by its weight; weight 0 or a missing value leaves the step out.
+    out = thirds_difference([0.0, 1.0, np.nan, 0, 0, 0, 1.0, 0.0, 0.5], weights=[1, 3, 5, 1, 1, 1, 0, 1, 1])
+    assert out["first"] == pytest.approx(0.75) and out["last"] == pytest.approx(0.25)
+    # A constant series: difference 0, a point interval; too few steps or an empty third: None.
+    assert thirds_difference([0.4] * 6) == {"first": 0.4, "last": 0.4, "diff": 0.0, "ci": [0.0, 0.0], "steps": 2}
+    assert thirds_difference([0.1, 0.2]) is None
+    assert thirds_difference([0.1, 0.2, 0.3], weights=[0, 1, 1]) is None

@@ -39,7 +39,7 @@ from rmt.evaluate import EVAL_FILE, load_eval, pct_ci
 from rmt.io import read_json
 from rmt.posttrain import EVAL_FILE as POSTTRAIN_EVAL_FILE
 from rmt.posttrain import SAMPLES_FILE as POSTTRAIN_SAMPLES_FILE
-from rmt.stats import paired_difference, paired_mean_difference, verdict
+from rmt.stats import paired_difference, paired_mean_difference, thirds_difference, verdict
 
 FIGURES = ("accuracy.png", "reasoning_length.png", "band_mix.png", "rewards.png")
 POSTTRAIN_FIGURE = "posttrain.png"
@@ -315,6 +315,39 @@ def claims(rows: list[Row]) -> list[tuple[str, str, str]]:
     return out
 
 
+def learning_table(rows: list[Row]) -> str:
+    """For each RL run: the match reward of its last third of steps minus its first third, over all its
+    rollouts and within each difficulty band (the curriculum moves towards harder bands, which lowers the
+    overall rate by itself; within a band, a rise is learning)."""
+    runs = [r for r in rows if r.is_run and r.config.rl.enabled and len(r.metrics) >= 3
+            and any(m.get("reward_match_mean") is not None for m in r.metrics)]
+    header = ["Run", "All rollouts", *(f"{b} band" for b in BAND_NAMES), "Verdict (all / within bands)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for r in runs:
+        def trend(key, band=None):
+            values = [m.get(key, np.nan) if m.get(key) is not None else np.nan for m in r.metrics]
+            weights = [m.get("sampled_bands", {}).get(band, 0) for m in r.metrics] if band else None
+            return thirds_difference(values, weights)
+
+        overall = trend("reward_match_mean")
+        bands = [trend(f"match_{b}", b) for b in BAND_NAMES]
+
+        def cell(t):
+            if t is None:
+                return "—"
+            return f"{100 * t['first']:.1f} → {100 * t['last']:.1f} ({_diff_cell(t)})"
+
+        within = [verdict(t["ci"]) for t in bands if t is not None]
+        word = {"higher": "rises", "lower": "falls"}
+        band_verdict = ("rises" if "higher" in within and "lower" not in within else
+                        "falls" if "lower" in within and "higher" not in within else
+                        "mixed" if within else "—")
+        lines.append("| " + " | ".join([r.label, cell(overall), *(cell(t) for t in bands),
+                                        f"{word.get(verdict(overall['ci']), 'cannot tell') if overall else '—'} / "
+                                        f"{band_verdict if within and set(within) != {'cannot tell'} else 'cannot tell'}"]) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _mean_length(row: Row) -> float:
     return row.evaluation["results"]["ntr"]["reasoning_len_mean"]
 
@@ -459,6 +492,13 @@ def write_markdown(rows: list[Row], out: Path, figures: dict[str, str]) -> Path:
         parts += ["## Paired differences", "",
                   "NTR accuracy of A minus B in points (95% paired-bootstrap interval) on the positions both "
                   "answered, and the difference in mean reasoning length (tokens).", "", differences, ""]
+    learning = learning_table(rows)
+    if learning:
+        parts += ["## Did the reward rise during RL?", "",
+                  "Match reward (the % of rollouts whose answer was right) in the first third of the training "
+                  "steps → the last third, and the difference in points with a 95% bootstrap interval over steps. The "
+                  "curriculum moves towards harder bands, which lowers the rate over all rollouts by itself; "
+                  "within a band, a rise is learning.", "", learning, ""]
     if any(r.posttrain for r in rows):
         parts += ["## Post-training on math (SPEC §10)", "",
                   "Does a mid-trained checkpoint make a better start for reinforcement post-training?", "",

@@ -100,3 +100,32 @@ def paired_mean_difference(a, b, resamples: int = RESAMPLES, seed: int = 0, leve
     """mean(a − b) over paired items with its bootstrap interval."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     return {"diff": float(d.mean()) if d.size else None, "ci": mean_interval(d, resamples, seed, level)}
+
+
+def thirds_difference(values, weights=None, resamples: int = RESAMPLES, seed: int = 0,
+                      level: float = LEVEL) -> dict | None:
+    """Does a per-step series rise over training? The weighted mean of its last third of steps minus its
+    first third, with a bootstrap interval that resamples steps within each third (steps, not rollouts,
+    are the units: rollouts of one step share a model and a document). `weights[s]` is step s's count
+    (e.g. positions of a band that step; steps with weight 0 or a missing value are left out).
+    None when either third has no step."""
+    values = np.asarray(values, dtype=float)
+    weights = np.ones_like(values) if weights is None else np.asarray(weights, dtype=float)
+    n = len(values) // 3
+    if n == 0:
+        return None
+    thirds = []
+    for part in (slice(0, n), slice(len(values) - n, len(values))):
+        v, w = values[part], weights[part]
+        keep = np.isfinite(v) & (w > 0)
+        if not keep.any():
+            return None
+        thirds.append((v[keep], w[keep]))
+    rng = np.random.default_rng(seed)
+    observed, samples = [], []
+    for v, w in thirds:
+        observed.append(float((v * w).sum() / w.sum()))
+        index = rng.integers(0, v.size, size=(resamples, v.size))
+        samples.append((v[index] * w[index]).sum(axis=1) / w[index].sum(axis=1))
+    return {"first": observed[0], "last": observed[1], "diff": observed[1] - observed[0],
+            "ci": _interval(samples[1] - samples[0], level), "steps": n}
