@@ -127,7 +127,7 @@ def test_ntr_with_the_real_engine_is_consistent_and_deterministic(tiny_model_dir
 
     records = first["records"]["ntr"]
     assert len(records) == 12 and first["settings"]["reasoning_cap"] == 6
-    # Past the cap only a closing tag begun there may go on (`rollout.opens_tag`).
+    # Past the cap only a closing tag begun there may go on (`rollout.reasoning_cut`).
     tag = len(answer_format_ids(assets.load_tokenizer(str(tiny_model_dir)))[0])
     assert all(r["reasoning_len"] <= 6 or (r["reasoning_len"] <= 6 + tag and not r["closed_think"]) for r in records)
     assert all(r["exact"] == (r["prediction"] == r["target"]) for r in records)

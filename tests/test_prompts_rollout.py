@@ -194,3 +194,13 @@ def test_roomy_cache_layer_holds_what_the_dynamic_one_holds():
     torch.testing.assert_close(roomy.keys, dynamic.keys, rtol=0, atol=0)
     torch.testing.assert_close(roomy.values, dynamic.values, rtol=0, atol=0)
     assert roomy.keys.shape == (3, 2, 16, 4)
+
+
+def test_reasoning_cut_hand_cases():
+    from rmt.rollout import reasoning_cut
+
+    assert not reasoning_cut(1, 2, 4, " a")  # below the cap
+    assert reasoning_cut(2, 2, 4, " a a")  # at the cap, no tag begun
+    assert not reasoning_cut(2, 2, 4, "\n</")  # a tag begun at the cap may go on ...
+    assert not reasoning_cut(5, 2, 4, " a\n</think")
+    assert reasoning_cut(6, 2, 4, "\n</thin")  # ... for at most the tag's length

@@ -196,7 +196,7 @@ def test_example_runs_two_steps(tiny_model_dir, tiny_scored_dir, tmp_path):
         assert r["budget"] == token_budget(step, 2, 8, 1, 0.2)
         assert sum(r[f"sampled/{name}"] for name in BAND_NAMES) == 4  # 2 documents × 2 positions
         assert math.isfinite(r["ntp_loss"]) and r["ntp_loss"] > 0
-        # The cap 2·B_t, or a closing tag begun at it (`rollout.opens_tag`), as rmt's engine cuts.
+        # The cap 2·B_t, or a closing tag begun at it (`rollout.reasoning_cut`), as rmt's engine cuts.
         tag = len(answer_format_ids(load_tokenizer(str(tiny_model_dir)))[0])
         assert r["rmt_exact/reasoning_len"] <= 2 * r["budget"] + tag
         # Generation is capped at 2·B_t plus room for the answer (8 tokens and the format's).

@@ -325,7 +325,7 @@ def learning_table(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for r in runs:
         def trend(key, band=None):
-            values = [m.get(key, np.nan) if m.get(key) is not None else np.nan for m in r.metrics]
+            values = [np.nan if m.get(key) is None else m[key] for m in r.metrics]
             weights = [m.get("sampled_bands", {}).get(band, 0) for m in r.metrics] if band else None
             return thirds_difference(values, weights)
 
@@ -337,15 +337,17 @@ def learning_table(rows: list[Row]) -> str:
                 return "—"
             return f"{100 * t['first']:.1f} → {100 * t['last']:.1f} ({_diff_cell(t)})"
 
-        within = [verdict(t["ci"]) for t in bands if t is not None]
-        word = {"higher": "rises", "lower": "falls"}
-        band_verdict = ("rises" if "higher" in within and "lower" not in within else
-                        "falls" if "lower" in within and "higher" not in within else
-                        "mixed" if within else "—")
         lines.append("| " + " | ".join([r.label, cell(overall), *(cell(t) for t in bands),
-                                        f"{word.get(verdict(overall['ci']), 'cannot tell') if overall else '—'} / "
-                                        f"{band_verdict if within and set(within) != {'cannot tell'} else 'cannot tell'}"]) + " |")
+                                        f"{_trend_word([overall])} / {_trend_word(bands)}"]) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _trend_word(trends) -> str:
+    """rises / falls / mixed (some rise, some fall) / cannot tell, from `thirds_difference` results."""
+    found = {verdict(t["ci"]) for t in trends if t is not None}
+    if "higher" in found and "lower" in found:
+        return "mixed"
+    return "rises" if "higher" in found else "falls" if "lower" in found else "cannot tell"
 
 
 def _mean_length(row: Row) -> float:

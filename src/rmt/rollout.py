@@ -311,10 +311,7 @@ class RolloutEngine:
                 row.done = True
             elif THINK_CLOSE in row.tail:
                 self._end_reasoning(row, closed=True)
-            elif r.reasoning_len >= row.cap and not (r.reasoning_len < row.cap + len(self.close_ids)
-                                                     and opens_tag(row.tail)):
-                # A tag begun at the cap may finish: `\n</think>` takes several tokens, more than the cap of
-                # 2 at B_t = 1, where counting it against the cap left no rollout able to close `</think>`.
+            elif reasoning_cut(r.reasoning_len, row.cap, len(self.close_ids), row.tail):
                 self._end_reasoning(row, closed=False)
         else:
             row.answer += piece
@@ -431,6 +428,13 @@ class RolloutEngine:
 def opens_tag(text: str) -> bool:
     """Whether `text` ends with the beginning of a closing tag (`</think>`, or the line break before it)."""
     return any(text.endswith(tag[:k]) for tag in (THINK_CLOSE, "\n" + THINK_CLOSE) for k in range(1, len(tag)))
+
+
+def reasoning_cut(n: int, cap: int, tag_tokens: int, tail: str) -> bool:
+    """Whether an unclosed reasoning of `n` tokens ending in `tail` stops here: at the cap, unless a closing
+    tag has begun (it may finish within `tag_tokens` more: `\n</think>` takes several tokens, more than the
+    cap of 2 at B_t = 1, where counting it against the cap left no rollout able to close `</think>`)."""
+    return n >= cap and not (n < cap + tag_tokens and opens_tag(tail))
 
 
 def _as_list(value) -> list[int]:

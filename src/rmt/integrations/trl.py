@@ -53,7 +53,7 @@ from rmt.forward import document_logits
 from rmt.losses import dual_objective, ntp_loss
 from rmt.prompts import THINK_CLOSE, PromptBuilder
 from rmt.rewards import NextToken, RewardContext
-from rmt.rollout import Rollout, answer_format_ids, opens_tag, thought_length
+from rmt.rollout import Rollout, answer_format_ids, reasoning_cut, thought_length
 from rmt.runs import DataOrder
 from rmt.scored import load_scored, ntp_target_mask
 from rmt.train import band_means
@@ -145,7 +145,7 @@ class NextTokenPrompts:
 def completion_rollout(tokenizer, completion_ids, cap: int) -> Rollout:
     """A finished completion as the `Rollout` record rmt's rewards read, its reasoning measured as rmt's
     rollout engine measures it: closed if `</think>` appears within the first `cap` tokens (or within the
-    closing tag's length after them, for a tag begun at the cap: `rmt.rollout.opens_tag`), the reasoning
+    closing tag's length after them, for a tag begun at the cap: `rmt.rollout.reasoning_cut`), the reasoning
     then being `rmt.rollout.thought_length` of those tokens; otherwise the tokens up to where the engine
     would have cut, unclosed. The text is decoded as the engine decodes it (special tokens kept)."""
     ids = [int(i) for i in completion_ids]
@@ -158,7 +158,7 @@ def completion_rollout(tokenizer, completion_ids, cap: int) -> Rollout:
             rollout.closed_think = True
             rollout.reasoning_len = thought_length(tokenizer, ids[:n])
             return rollout
-        if n >= cap and not (n < cap + room and opens_tag(tail)):
+        if reasoning_cut(n, cap, room, tail):
             break
     rollout.reasoning_len = min(len(ids), n) if ids else 0
     return rollout
