@@ -7,7 +7,7 @@ from rmt import assets
 from rmt.forward import document_logits, response_logprobs
 from rmt.losses import grpo_loss, ntp_loss
 from rmt.grpo import PackedBackend, PerRolloutBackend, Trajectory, UpdateSettings, policy_update
-from rmt.packed import PackItem, pack_documents, packed_forward
+from rmt.packed import PackItem, block_layout, pack_documents, packed_forward
 from rmt.prompts import PromptBuilder
 from rmt.rollout import RolloutEngine, RolloutSettings, document_prompts
 from rmt.scored import load_scored, ntp_target_mask
@@ -75,6 +75,61 @@ def test_pack_attention_mask_lets_each_response_see_its_own_prefix():
     assert mask[8].tolist() == [0] * 4 + [1] * 5 + [0] * 5  # trunk: itself only
     assert mask[10].tolist() == [0] * 4 + [1, 1, 1] + [0, 0] + [1, 1] + [0] * 3  # pre + x_<1, own segment
     assert mask[13].tolist() == [0] * 4 + [1] * 5 + [0, 0] + [1, 1, 1]  # pre + x_<3, own segment
+
+
+def test_block_layout_covers_exactly_the_unmasked_pairs():
+    """The blocks `block_attention` computes hold every pair the dense mask allows and no other."""
+    pre, post, window = [1, 2], [9], list(range(10, 30))
+    lengths = [3, 1, 5, 2, 4, 2, 6]
+    items = [PackItem(0, t, list(range(40, 40 + n)), [1] * n) for t, n in zip([7, 2, 19, 11, 2, 15, 5], lengths)]
+    for with_windows in (True, False):
+        (pack,) = pack_documents(pre, post, [window], items, with_windows=with_windows)
+        layout = block_layout(pack, group=3)  # three groups: 3, 3 and 1 responses
+        assert len(layout.groups) == 3
+        covered = torch.zeros(len(pack), len(pack), dtype=torch.long)
+        for begin, end in ((0, layout.window), (layout.window, layout.window + layout.trunk)):
+            covered[begin:end, begin:end] += torch.tril(torch.ones(end - begin, end - begin, dtype=torch.long))
+        for g in layout.groups:
+            for queries, keys, mask in zip(g.queries, g.keys, g.mask[:, 0]):
+                real = torch.unique(queries)  # padded queries repeat the last token: count it once
+                for q in real.tolist():
+                    row = (queries == q).nonzero()[0, 0]
+                    allowed = keys[mask[row]]
+                    assert len(torch.unique(allowed)) == len(allowed)  # no key twice
+                    covered[q, allowed] += 1
+        assert torch.equal(covered, pack.attention_mask()[0, 0].long())
+        assert len(layout.rows) == len(pack) - layout.window - layout.trunk
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_block_attention_equals_the_dense_mask_with_gradients(setup, checkpointing):
+    """Logits and gradients of the block path equal SDPA's over the dense mask (the reference), and
+    under gradient checkpointing the forward keeps to the dense mask."""
+    tokenizer, model, builder, docs, _ = setup
+    model.train()
+    pre, post = builder.parts(BUDGET)
+    items = random_items(setup, len(post), seed=5)
+    windows = [d.input_ids for d in docs]
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    try:
+        for pack in pack_documents(pre, post, windows, items, max_tokens=250):
+            grads, outs = [], []
+            for blocks in (True, False):
+                model.zero_grad(set_to_none=True)
+                out = packed_forward(model, pack, blocks=blocks)
+                loss = (out.logprobs * out.mask).sum() + (out.ntp_logits.logsumexp(-1).mean() if pack.window_len else 0)
+                loss.backward()
+                outs.append(out)
+                grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            torch.testing.assert_close(outs[0].logprobs, outs[1].logprobs, atol=1e-5, rtol=0)
+            if pack.window_len:
+                torch.testing.assert_close(outs[0].ntp_logits, outs[1].ntp_logits, atol=1e-5, rtol=0)
+            for name in grads[0]:
+                torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    finally:
+        model.gradient_checkpointing_disable()
+        model.zero_grad(set_to_none=True)
 
 
 def random_items(setup, post_len: int, seed: int = 0):

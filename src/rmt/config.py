@@ -253,8 +253,10 @@ class OptimConfig:
     packed: bool = True
     """One forward per document over [window | prompt prefix | post + response_1 | ...] with a block
     attention mask, computing NTP and all its responses' log-probs (false: the reference path)."""
-    pack_tokens: int = 2048
-    """Longest packed sequence; a document with more responses gets several packs."""
+    pack_tokens: int = 4096
+    """Longest packed sequence; a document with more responses gets several packs, each with its own copy of
+    the document's prefix. Attention computes only the pairs the mask allows, so a pack's cost grows about
+    linearly with its length: the limit is the memory of one pack's activations and logits."""
 
     def __post_init__(self):
         check([

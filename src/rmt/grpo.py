@@ -73,7 +73,7 @@ class UpdateSettings:
     kl_coef: float = 0.0
     ntp_weight: float = 0.0  # λ
     micro_batch: int = 16  # sequences per forward, per-rollout backend
-    pack_tokens: int = 2048  # longest packed sequence, packed backend
+    pack_tokens: int = 4096  # longest packed sequence, packed backend
 
 
 @dataclass
@@ -91,8 +91,8 @@ class Chunk:
 class PackedBackend:
     """Each document's window and trajectories in packs (`rmt.packed`); needs SDPA attention."""
 
-    def __init__(self, pre: list[int], post: list[int], pack_tokens: int = 2048):
-        self.pre, self.post, self.pack_tokens = pre, post, pack_tokens
+    def __init__(self, pre: list[int], post: list[int], pack_tokens: int = 4096, blocks: bool = True):
+        self.pre, self.post, self.pack_tokens, self.blocks = pre, post, pack_tokens, blocks
 
     def plan(self, trajectories, documents, with_ntp: bool) -> list:
         items = [PackItem(t.doc, t.position, t.response_ids, t.loss_mask) for t in trajectories]
@@ -100,7 +100,7 @@ class PackedBackend:
                               max_tokens=self.pack_tokens)
 
     def forward(self, model, pack, ntp_masks) -> Chunk:
-        out = packed_forward(model, pack)
+        out = packed_forward(model, pack, self.blocks)
         chunk = Chunk(pack.items, out.logprobs if pack.items else None, out.mask if pack.items else None)
         if out.ntp_logits is not None:
             target = torch.as_tensor(np.asarray(ntp_masks[pack.doc]), dtype=torch.float32,

@@ -17,6 +17,13 @@ explicit position ids make every token see exactly what it sees in the naive for
 So the response log-probabilities, the NTP logits, the loss and its gradients equal the naive ones up to
 float rounding. A document whose responses would make the pack longer than `max_tokens` is split into
 several packs, each with its own copy of the trunk (SDPA's cost grows with the square of the length).
+
+Most of that mask is False: with 64 responses of 36 tokens behind a trunk of 340, nine in ten query-key
+pairs of the square are masked out, and SDPA computes them all. `attention.block_attention` computes only the blocks
+that are not: the window and the trunk each causally over themselves, and the responses in groups, each
+response's queries against the part of the trunk it sees followed by its own keys (`BlockLayout`). The
+dense mask stays as the reference (`packed_forward(..., blocks=False)`), and the path under gradient
+checkpointing, whose recomputation would not see the block layout.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rmt.attention import BLOCKS, attention_implementation
 from rmt.losses import token_logprobs
 
 WINDOW, TRUNK = -1, 0  # segment ids; responses are 1, 2, ...
@@ -71,6 +79,75 @@ class Pack:
 
 
 @dataclass
+class BlockGroup:
+    """Responses attended together: `queries` [k, n] packed indices of their tokens, `keys` [k, S] the
+    indices of what each sees (trunk tokens, then its own), `mask` [k, 1, n, S] True where a query may
+    attend. Shorter responses are padded by repeating their last token; padded queries are dropped."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class BlockLayout:
+    """The attention of one pack as the blocks it needs: the window's first `window` tokens and the next
+    `trunk` tokens each causally over themselves, then the response groups; `rows` picks each response
+    token's output, in pack order, from the groups' outputs laid end to end."""
+
+    window: int
+    trunk: int
+    groups: list[BlockGroup]
+    rows: torch.Tensor
+
+    def __post_init__(self):  # every group's queries and keys end to end, gathered at once
+        self.group_queries = torch.cat([g.queries.flatten() for g in self.groups]) if self.groups else None
+        self.group_keys = torch.cat([g.keys.flatten() for g in self.groups]) if self.groups else None
+        self.query_sizes = [g.queries.numel() for g in self.groups]
+        self.key_sizes = [g.keys.numel() for g in self.groups]
+
+    def pairs(self) -> int:
+        """(query, key) pairs the attention computes: each causal square's lower half, every group's whole
+        rectangle (masked pairs in it included)."""
+        causal = sum(n * (n + 1) // 2 for n in (self.window, self.trunk))
+        return causal + sum(g.mask.shape[0] * g.mask.shape[2] * g.mask.shape[3] for g in self.groups)
+
+    def to(self, device) -> "BlockLayout":
+        groups = [BlockGroup(g.queries.to(device), g.keys.to(device), g.mask.to(device)) for g in self.groups]
+        return BlockLayout(self.window, self.trunk, groups, self.rows.to(device))
+
+
+def block_layout(pack: "Pack", group: int = 16) -> BlockLayout:
+    """The blocks of `pack`'s attention mask (`Pack.attention_mask`), responses `group` at a time: the
+    responses of a pack are in order of position, so a group's trunk is about as long as each needs."""
+    segments = pack.segments
+    window, trunk = pack.window_len, int((segments == TRUNK).sum())
+    first = window + trunk
+    counts = torch.bincount(segments[first:], minlength=1)[1:].tolist()  # tokens of responses 1, 2, ...
+    starts = [first + sum(counts[:k]) for k in range(len(counts))]
+    groups, rows, offset = [], [], 0
+    for g in range(0, len(counts), group):
+        lengths, begins = counts[g : g + group], starts[g : g + group]
+        views = [int(pack.trunk_view[b]) for b in begins]
+        n, seen = max(lengths), max(views)
+        j = torch.arange(n)
+        own = torch.stack([b + j.clamp(max=m - 1) for b, m in zip(begins, lengths)])  # [k, n]
+        keys = torch.cat([(window + torch.arange(seen)).expand(len(own), seen), own], dim=1)
+        sees_trunk = torch.arange(seen)[None, :] < torch.tensor(views)[:, None]  # [k, seen]
+        causal = j[None, :] <= j[:, None]  # [n, n]: query row, key column
+        mask = torch.cat([sees_trunk[:, None, :].expand(-1, n, -1), causal.expand(len(own), -1, -1)], dim=2)
+        groups.append(BlockGroup(own, keys, mask[:, None]))
+        rows += [offset + i * n + t for i, m in enumerate(lengths) for t in range(m)]
+        offset += len(own) * n
+    return BlockLayout(window, trunk, groups, torch.tensor(rows, dtype=torch.long))
+
+
+def _checkpointing(model) -> bool:
+    flag = getattr(model, "is_activation_checkpointing", None)  # Transformers 5; before: is_gradient_checkpointing
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
+
+
+@dataclass
 class PackedOutput:
     logprobs: torch.Tensor  # [B, R] as `forward.response_logprobs`: row b's response in its last columns
     mask: torch.Tensor  # [B, R] sampled-token mask there
@@ -80,7 +157,7 @@ class PackedOutput:
 
 def pack_documents(
     pre: list[int], post: list[int], windows: list, items: list[PackItem], with_windows: bool = True,
-    max_tokens: int = 2048,
+    max_tokens: int = 4096,
 ) -> list[Pack]:
     """Packs for the responses `items` of documents `windows` (window ids per document).
 
@@ -155,19 +232,23 @@ def _build_pack(doc, pre, post, window, items, chunk, with_window: bool) -> Pack
     )
 
 
-def packed_forward(model, pack: Pack) -> PackedOutput:
+def packed_forward(model, pack: Pack, blocks: bool = True) -> PackedOutput:
     """One forward over `pack` (the model must use SDPA attention); only the logits that score a
-    response token or a window token are computed."""
-    attention = getattr(getattr(model, "module", model).config, "_attn_implementation", None)
+    response token or a window token are computed. With `blocks`, attention computes only the unmasked
+    blocks (`block_attention`); without, or under gradient checkpointing, SDPA with the dense mask."""
+    inner = getattr(model, "module", model)
+    attention = getattr(inner.config, "_attn_implementation", None)
     if attention != "sdpa":  # eager adds the mask to the scores: a boolean one is silently wrong (SPEC §12)
         raise ValueError(f"packed training needs a model loaded with attn_implementation='sdpa', not '{attention}'")
     device = next(model.parameters()).device
     keep = torch.cat([torch.arange(pack.window_len), pack.response_logit_index]).to(device)
     ids = pack.input_ids.to(device)
-    logits = model(
-        input_ids=ids[None], position_ids=pack.position_ids.to(device)[None],
-        attention_mask=pack.attention_mask(device), logits_to_keep=keep,
-    ).logits[0]
+    inputs = dict(input_ids=ids[None], position_ids=pack.position_ids.to(device)[None], logits_to_keep=keep)
+    if blocks and not _checkpointing(inner):
+        with attention_implementation(inner, BLOCKS):
+            logits = model(**inputs, pack_layout=block_layout(pack).to(device)).logits[0]
+    else:
+        logits = model(**inputs, attention_mask=pack.attention_mask(device)).logits[0]
     n = pack.window_len
     flat = token_logprobs(logits[n:], ids[pack.response_logit_index.to(device) + 1])
     mask = pack.sampled_mask.to(device)

@@ -11,7 +11,9 @@ Everything runs in one decoding loop over one KV cache; finished rows are droppe
 
 `generate_shared` is the same rollout for prompts that share a prefix (all positions of one document
 share `pre + x_<t`, SPEC §1): each document's prefix is encoded once, and every prompt starts from a
-slice of that cache instead of re-encoding it.
+slice of that cache instead of re-encoding it. The prefixes are held once per batch, not copied into
+every row's cache: each row's cache holds only the end of its prompt and its response, and attention reads
+the prefix it sees from the shared copy (`attention.trunk_attention`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from rmt.attention import TRUNK, SharedTrunk, attention_implementation
 from rmt.prompts import THINK_CLOSE
 
 BOX_OPEN = "\\boxed{"
@@ -344,9 +347,11 @@ class RolloutEngine:
                          use_cache=True, logits_to_keep=1)
         self._decode([_Row(r, cap) for r in batch], generators, out.cache, out.logits[:, -1], mask, positions[:, -1] + 1)
 
-    def _decode(self, rows: list[_Row], generators: list[torch.Generator], cache, logits, mask, next_pos) -> None:
-        """The decoding loop, from a prefilled left-padded `cache` ([B, width]) with its 2D `mask`, the
-        logits of each row's last prompt token and each row's next position."""
+    def _decode(self, rows: list[_Row], generators: list[torch.Generator], cache, logits, mask, next_pos,
+                trunk: SharedTrunk | None = None) -> None:
+        """The decoding loop, from a prefilled cache, the logits of each row's last prompt token and each
+        row's next position: a left-padded cache ([B, width]) with its 2D `mask`, or (`trunk`) a cache of
+        each row's own tokens over shared document prefixes."""
         s = self.settings
         device = self.model.device
         live = list(range(len(rows)))  # rows of the current batch tensors, by index into `rows`
@@ -358,18 +363,28 @@ class RolloutEngine:
             if not keep:
                 break
             step_ids = torch.tensor(tokens, device=device).unsqueeze(1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if trunk is None:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             if len(keep) < len(live):  # drop finished rows from the batch and the cache
                 index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)
-                step_ids, mask, next_pos = step_ids[index], mask[index], next_pos[index]
+                step_ids, next_pos = step_ids[index], next_pos[index]
+                if trunk is None:
+                    mask = mask[index]
+                else:
+                    trunk.rows(index)
                 live = [live[k] for k in keep]
-            out = self.model(
-                input_ids=step_ids, attention_mask=mask, position_ids=next_pos.unsqueeze(1),
-                cache=cache, use_cache=True,
-            )
+            out = self._forward(trunk, input_ids=step_ids, attention_mask=mask, position_ids=next_pos.unsqueeze(1),
+                                cache=cache, use_cache=True)
             cache, logits = out.cache, out.logits[:, -1]
             next_pos = next_pos + 1
+
+    def _forward(self, trunk: SharedTrunk | None, **inputs):
+        if trunk is None:
+            return self.model(**inputs)
+        inputs.pop("attention_mask", None)
+        with attention_implementation(self.model, TRUNK):
+            return self.model(**inputs, trunk=trunk)
 
     def _prefix_states(self, docs: list[SharedPrompts]) -> dict | None:
         """Key/value states of each document's prefix, `{doc: [(keys, values) per layer]}`, each
@@ -393,36 +408,38 @@ class RolloutEngine:
         return states
 
     def _generate_shared_batch(self, chunk, states, tail, copies, batch, generators, cap: int) -> None:
-        """Prefill each prompt `(doc, length)` of `chunk` from its document's prefix states plus its last
-        `tail` tokens, copy it `copies` times and decode, as `_generate_batch` does after its prefill."""
+        """Prefill each prompt `(doc, length)` of `chunk`: its last `tail` tokens, over the first
+        `length - tail` tokens of its document's prefix states (held once, as a `SharedTrunk`); then copy it
+        `copies` times and decode, as `_generate_batch` does after its prefill."""
         device = self.model.device
         cached = [length - tail for _, length in chunk]
+        docs = sorted({d for d, _ in chunk})
         width = max(cached)
-        keys, values = [], []
-        for k, v in states[chunk[0][0]]:
-            keys.append(k.new_zeros((len(chunk), k.shape[0], width, k.shape[2])))
-            values.append(v.new_zeros((len(chunk), v.shape[0], width, v.shape[2])))
-        mask = torch.zeros((len(chunk), width + tail), dtype=torch.long)
-        for i, (d, _) in enumerate(chunk):  # left padding, as in `_generate_batch`
-            n = cached[i]
-            for layer, (k, v) in enumerate(states[d]):
-                keys[layer][i, :, width - n :] = k[:, :n]
-                values[layer][i, :, width - n :] = v[:, :n]
-            mask[i, width - n :] = 1
+        layers = []
+        for layer in range(len(states[docs[0]])):
+            k0 = states[docs[0]][layer][0]
+            keys = k0.new_zeros((len(docs), k0.shape[0], width, k0.shape[2]))
+            values = torch.zeros_like(keys)
+            for j, d in enumerate(docs):
+                k, v = states[d][layer]
+                n = min(width, k.shape[1])
+                keys[j, :, :n], values[j, :, :n] = k[:, :n], v[:, :n]
+            layers.append((keys, values))
+        index = {d: j for j, d in enumerate(docs)}
+        trunk = SharedTrunk(layers, torch.tensor([index[d] for d, _ in chunk], device=device),
+                            torch.tensor(cached, device=device))
         prompt_tails = [batch[i * copies].prompt_ids[-tail:] for i in range(len(chunk))]
         ids = torch.tensor(prompt_tails, dtype=torch.long, device=device)
-        mask = mask.to(device)
         positions = torch.tensor(cached, device=device).unsqueeze(1) + torch.arange(tail, device=device)
         room = tail + cap + 2 * len(self.close_ids) + len(self.box_ids) + self.settings.answer_tokens + 1
-        cache = roomy_cache(room, zip(keys, values))
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                         logits_to_keep=1)
+        out = self._forward(trunk, input_ids=ids, position_ids=positions, cache=roomy_cache(room), use_cache=True,
+                            logits_to_keep=1)
         cache = out.cache
         cache.batch_repeat_interleave(copies)
+        trunk.rows(torch.arange(len(chunk), device=device).repeat_interleave(copies))
         logits = out.logits[:, -1].repeat_interleave(copies, dim=0)
-        mask = mask.repeat_interleave(copies, dim=0)
         next_pos = (positions[:, -1] + 1).repeat_interleave(copies)
-        self._decode([_Row(r, cap) for r in batch], generators, cache, logits, mask, next_pos)
+        self._decode([_Row(r, cap) for r in batch], generators, cache, logits, None, next_pos, trunk)
 
 
 def opens_tag(text: str) -> bool:
