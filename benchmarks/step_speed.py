@@ -10,15 +10,20 @@ slows them alike; the tables give the median and the spread (min–max) of `--re
 - `shared-rollout`: `RolloutEngine.generate_shared` (the document's prefix is encoded once);
 - `naive-train`:    `grpo.policy_update` with the per-rollout backend (RL loss over padded prompt+response
   rows, NTP in a second pass over the document);
-- `packed-train`:   `grpo.policy_update` with the packed backend (one forward per document);
+- `dense-train`:    `grpo.policy_update` with the packed backend (one forward per document), SDPA over the
+  pack's dense block mask (every masked pair computed);
+- `packed-train`:   the same, with attention over the unmasked blocks only (`packed.block_attention`, the default);
 - `trl` (with `trl` installed, for `--trl-configs`): one step of TRL's GRPOTrainer on the same prompts
   (same model, G, completion cap): generation, loss, backward and optimizer step.
 
-Each worker warms up first (one-time costs of the first calls). The FLOP-limit column divides each
-variant's FLOPs (`common.forward_flops`: weights × tokens, output layer × logit rows, attention pairs as
-computed, masked blocks included; backward = 2 × forward) by the matmul rate measured on this machine
-with the same thread count just before: "of limit" is limit / measured time (1.0 = at the arithmetic
-ceiling). `--threads 1` gives one-thread figures, which a busy second core disturbs least.
+Each worker warms up first (one-time costs of the first calls). The FLOP limit is the same for every
+variant of the same work: the FLOPs the work needs (`common.forward_flops`: weights × tokens, output layer
+× logit rows, attention over the (query, key) pairs a token may see and no other; backward = 2 × forward),
+counted as the least any implementation must compute -- each document prefix encoded once, no padding, no
+masked pair, no copy of the prefix in a second pack --, divided by the matmul rate measured on this machine
+with the same thread count just before. "of limit" is that time / measured time (1.0 = at the arithmetic
+ceiling); a TRL step's limit is a rollout's plus a training step's. `--threads 1` gives one-thread figures,
+which a busy second core disturbs least.
 
     python benchmarks/step_speed.py                                # both models, 128x4x4 and 256x8x8
     python benchmarks/step_speed.py --threads 1 --repeats 3 --models smollm2-135m-instruct
@@ -48,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import alternate, forward_flops, machine_state, matmul_gflops, median, model_shape, summary, train_flops  # noqa: E402
 
 BUDGET = 8  # B_t in the prompt; the reasoning cap is --cap
-MODES = ("naive-rollout", "shared-rollout", "naive-train", "packed-train")
+MODES = ("naive-rollout", "shared-rollout", "naive-train", "dense-train", "packed-train")
 
 
 def peak_mb() -> float:
@@ -98,40 +103,34 @@ def worker(args) -> dict:
         rollouts = roll(positions, G)
         seconds = time.perf_counter() - start
         result.update(seconds=seconds, tokens=sum(len(r.response_ids) for r in rollouts),
-                      flops=rollout_flops(shape, rollouts, pre, window, positions, G, args.mode))
+                      needed=rollout_flops(shape, rollouts, pre, positions))
         if args.save:
             Path(args.save).write_text(json.dumps([r.__dict__ for r in rollouts]))
-    elif args.mode in ("naive-train", "packed-train"):
+    elif args.mode in ("naive-train", "dense-train", "packed-train"):
         rollouts = [Rollout(**r) for r in json.loads(Path(args.load).read_text())]
-        seconds, flops = train_step(args, model, tokenizer, window, positions, pre, post, rollouts, shape)
-        result.update(seconds=seconds, flops=flops)
+        seconds, needed = train_step(args, model, tokenizer, window, positions, pre, post, rollouts, shape)
+        result.update(seconds=seconds, needed=needed)
     elif args.mode == "trl":
         result.update(trl_step(args, model, tokenizer, [builder.prompt_ids(window, t, BUDGET) for t in positions], shape))
     result["peak_mb"] = peak_mb()
     return result
 
 
-def rollout_flops(shape, rollouts, pre, window, positions, G, mode) -> float:
-    """FLOPs of the rollouts: the prompts' prefill (each prompt whole, or each document prefix once plus
-    the per-prompt tails) and one token per decoding step per row, each attending to what precedes it."""
+def rollout_flops(shape, rollouts, pre, positions) -> float:
+    """FLOPs the rollouts need: the document prefix encoded once, each prompt's tail (`post`) over the part of
+    the prefix it sees, then one token per decoding step per row, attending to its prompt and what it wrote."""
     decode = sum(len(r.response_ids) for r in rollouts)
     attended = sum(len(r.prompt_ids) * len(r.response_ids) + len(r.response_ids) ** 2 / 2 for r in rollouts)
-    if mode == "naive-rollout":
-        prefill = sum(len(r.prompt_ids) for r in rollouts)
-        attended += sum(len(r.prompt_ids) ** 2 / 2 for r in rollouts)
-        logit_rows = decode + len(rollouts)
-    else:
-        prefix = len(pre) + max(positions)
-        tails = len(positions) * (len(rollouts[0].prompt_ids) - len(pre) - positions[0])  # post per prompt
-        prefill = prefix + tails
-        attended += prefix**2 / 2 + tails * prefix
-        logit_rows = decode + len(positions) + 1
-    return forward_flops(shape, prefill + decode, logit_rows, attended)
+    prefix = len(pre) + max(positions)
+    tail = len(rollouts[0].prompt_ids) - len(pre) - positions[0]  # post, the same for every prompt
+    prompts = [len(pre) + t + tail for t in positions]
+    attended += prefix**2 / 2 + sum(tail * (n - tail) + tail**2 / 2 for n in prompts)
+    return forward_flops(shape, prefix + tail * len(positions) + decode, decode + len(positions), attended)
 
 
 def train_step(args, model, tokenizer, window, positions, pre, post, rollouts, shape) -> tuple[float, float]:
-    """Seconds of one step's forward+backward of L_RL + λ·L_NTP, as train.py runs it (naive) or packed,
-    and its FLOPs (a padded row or a packed square counts whole: that is what the forward computes)."""
+    """Seconds of one step's forward+backward of L_RL + λ·L_NTP, as train.py runs it (naive) or packed (dense
+    mask or blocks), and the FLOPs that work needs."""
     from rmt.grpo import PackedBackend, PerRolloutBackend, UpdateSettings, make_trajectories, policy_update
     from rmt.packed import PackItem, pack_documents
     from rmt.scored import ScoredWindow, ntp_target_mask
@@ -149,26 +148,17 @@ def train_step(args, model, tokenizer, window, positions, pre, post, rollouts, s
     model(input_ids=torch.tensor([window[:64]]), labels=torch.tensor([window[:64]])).loss.backward()  # warm-up
     model.zero_grad(set_to_none=True)
     backend = PerRolloutBackend(tokenizer.pad_token_id, 16) if args.mode == "naive-train" \
-        else PackedBackend(pre, post, args.pack_tokens)
+        else PackedBackend(pre, post, args.pack_tokens, blocks=args.mode == "packed-train")
     start = time.perf_counter()
     policy_update(model, trajectories, [window], masks, settings, backend)
     seconds = time.perf_counter() - start
-    if args.mode == "naive-train":
-        rows = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
-        flops = 0.0
-        for i in range(0, len(rows), 16):  # padded micro-batches of 16 rows; logits for the responses
-            chunk = rows[i : i + 16]
-            width = max(chunk)
-            flops += train_flops(shape, width * len(chunk), sum(len(r.response_ids) + 1 for r in rollouts[i : i + 16]),
-                                 len(chunk) * width**2)
-        flops += train_flops(shape, n, n, n**2)  # the document, for NTP
-    else:
-        items = [PackItem(0, t, r.response_ids, r.sampled_mask)
-                 for r, t in zip(rollouts, [t for t in positions for _ in range(G)])]
-        packs = pack_documents(pre, post, [window], items, max_tokens=args.pack_tokens)
-        flops = sum(train_flops(shape, len(pack), pack.window_len + len(pack.response_logit_index), len(pack) ** 2)
-                    for pack in packs)
-    return seconds, flops
+    # What the work needs: the window and every response once, in one pack, attention over the pairs its
+    # mask allows (what each variant computes beyond that -- padding, masked pairs, a second copy of the
+    # trunk in another pack -- is its own overhead).
+    items = [PackItem(0, t, r.response_ids, r.sampled_mask) for r, t in zip(rollouts, [t for t in positions for _ in range(G)])]
+    (pack,) = pack_documents(pre, post, [window], items, max_tokens=10**9)
+    pairs = int(pack.attention_mask()[0, 0].sum())
+    return seconds, train_flops(shape, len(pack), pack.window_len + len(pack.response_logit_index), pairs)
 
 
 def trl_step(args, model, tokenizer, prompts, shape) -> dict:
@@ -202,11 +192,7 @@ def trl_step(args, model, tokenizer, prompts, shape) -> dict:
         seconds = time.perf_counter() - start
     logs = trainer.state.log_history[0]
     tokens = logs.get("completions/mean_length", float("nan")) * args.g * len(prompts)
-    # Its work: generation (prefill of every prompt, then decoding) and one training forward+backward of
-    # every prompt + completion; the optimizer step is not counted.
-    length = sum(map(len, prompts)) * args.g
-    flops = forward_flops(shape, length + tokens, tokens) + train_flops(shape, length + tokens, tokens)
-    return {"seconds": seconds, "tokens": tokens, "flops": flops}
+    return {"seconds": seconds, "tokens": tokens}  # its limit: a rollout's plus a training step's (`limits`)
 
 
 # ---- the parent: run the workers, print the table, draw the plot ------------------------------------
@@ -237,9 +223,10 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=16, help="reasoning tokens per rollout (2·B_t)")
     parser.add_argument("--answer-tokens", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=64, help="rollout batch size (rows)")
-    parser.add_argument("--pack-tokens", type=int, default=2048, help="max tokens per packed sequence")
+    parser.add_argument("--pack-tokens", type=int, default=4096, help="max tokens per packed sequence")
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats of every variant (median, spread)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    parser.add_argument("--variants", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
     parser.add_argument("--out", default="runs/bench/step_speed.png", help="the plot")
     # worker arguments
     parser.add_argument("--worker", choices=(*MODES, "trl"), help=argparse.SUPPRESS)
@@ -283,7 +270,7 @@ def main() -> None:
                 run_worker(path, config, "shared-rollout", args, ["--save", saved])  # the rollouts training uses
                 variants = {mode: (lambda mode=mode: run_worker(path, config, mode, args,
                                                                ["--load", saved] if "train" in mode else []))
-                            for mode in MODES}
+                            for mode in args.variants.split(",")}
                 if config in trl_configs:
                     variants["trl"] = lambda: run_worker(path, config, "trl", args)
                 r = {"model": name, "config": config, **alternate(variants, args.repeats)}
@@ -319,12 +306,31 @@ def print_row(r: dict, gflops: float, header: bool) -> None:
     for mode in [m for m in (*MODES, "trl") if m in r]:
         runs = r[mode]
         seconds = [x["seconds"] for x in runs]
-        limit = median([x["flops"] for x in runs]) / (gflops * 1e9)
+        limit = limit_seconds(r, mode, gflops)
         print(f"{r['model']:>22} {'x'.join(map(str, r['config'])):>9} | {mode:>14} {summary(seconds):>28} "
               f"{limit / median(seconds):9.2f} {max(x['peak_mb'] for x in runs):8.0f}", flush=True)
-    for naive, fast in (("naive-rollout", "shared-rollout"), ("naive-train", "packed-train")):
+    for naive, fast in (("naive-rollout", "shared-rollout"), ("naive-train", "packed-train"),
+                        ("dense-train", "packed-train")):
+        if naive not in r or fast not in r:
+            continue
         ratios = [a["seconds"] / b["seconds"] for a, b in zip(r[naive], r[fast])]
         print(f"{'':>33} | {fast} / {naive}: {summary(ratios)}x faster (per repeat)")
+    if "shared-rollout" in r and "packed-train" in r:
+        step = [a["seconds"] + b["seconds"] for a, b in zip(r["shared-rollout"], r["packed-train"])]
+        limit = limit_seconds(r, "shared-rollout", gflops) + limit_seconds(r, "packed-train", gflops)
+        print(f"{'':>33} | one step (shared rollout + packed train): {summary(step)} s, limit {limit:.2f} s, "
+              f"{limit / median(step):.2f} of limit ({median(step) / limit:.2f}x above it)")
+
+
+def limit_seconds(r: dict, mode: str, gflops: float) -> float:
+    """Seconds the work of `mode` needs at the measured matmul rate: a rollout's or a training step's needed
+    FLOPs, both for a whole step (TRL)."""
+    def needed(modes):
+        return next(median([x["needed"] for x in r[m]]) for m in modes if m in r)
+
+    rollout, train = ("shared-rollout", "naive-rollout"), ("packed-train", "dense-train", "naive-train")
+    flops = needed(rollout) + needed(train) if mode == "trl" else needed([mode])
+    return flops / (gflops * 1e9)
 
 
 def plot(rows: list[dict], gflops: float, path: str) -> None:
@@ -336,13 +342,13 @@ def plot(rows: list[dict], gflops: float, path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = {"naive-rollout": "rollout\nnaive", "shared-rollout": "rollout\nshared", "naive-train": "train\nnaive",
-             "packed-train": "train\npacked", "trl": "TRL\nstep"}
+             "dense-train": "train\npacked,\ndense mask", "packed-train": "train\npacked,\nblocks", "trl": "TRL\nstep"}
     fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 3.8), squeeze=False)
     for ax, r in zip(axes[0], rows):
         modes = [m for m in names if m in r]
         seconds = [median([x["seconds"] for x in r[m]]) for m in modes]
-        limits = [median([x["flops"] for x in r[m]]) / (gflops * 1e9) for m in modes]
-        ax.bar(range(len(modes)), seconds, color=["#9ecae1", "#3182bd", "#fdae6b", "#e6550d", "#74c476"][: len(modes)])
+        limits = [limit_seconds(r, m, gflops) for m in modes]
+        ax.bar(range(len(modes)), seconds, color=["#9ecae1", "#3182bd", "#fdd0a2", "#fdae6b", "#e6550d", "#74c476"][: len(modes)])
         ax.scatter(range(len(modes)), limits, marker="_", s=900, color="k", label="FLOP limit (measured matmul rate)")
         for k, v in enumerate(seconds):
             ax.text(k, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
