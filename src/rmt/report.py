@@ -315,13 +315,30 @@ def claims(rows: list[Row]) -> list[tuple[str, str, str]]:
     return out
 
 
+def fixed_mix(metrics: list[dict]) -> list[float]:
+    """Each step's match reward at the run's overall band mix: the per-band rates of the step weighted by each
+    band's share of all the run's sampled positions (direct standardisation), so that the curriculum's move
+    towards harder bands does not lower it by itself. NaN for a step that lacks a band the run sampled."""
+    totals = {b: sum(m.get("sampled_bands", {}).get(b, 0) for m in metrics) for b in BAND_NAMES}
+    used = [b for b in BAND_NAMES if totals[b] > 0]
+    out = []
+    for m in metrics:
+        rates = [m.get(f"match_{b}") for b in used]
+        present = all(r is not None and np.isfinite(r) and m.get("sampled_bands", {}).get(b, 0) > 0
+                      for r, b in zip(rates, used))
+        out.append(sum(totals[b] * r for b, r in zip(used, rates)) / sum(totals[b] for b in used)
+                   if used and present else np.nan)
+    return out
+
+
 def learning_table(rows: list[Row]) -> str:
     """For each RL run: the match reward of its last third of steps minus its first third, over all its
-    rollouts and within each difficulty band (the curriculum moves towards harder bands, which lowers the
-    overall rate by itself; within a band, a rise is learning)."""
+    rollouts, at a fixed band mix, and within each difficulty band (the curriculum moves towards harder
+    bands, which lowers the overall rate by itself; at a fixed mix or within a band, a rise is learning)."""
     runs = [r for r in rows if r.is_run and r.config.rl.enabled and len(r.metrics) >= 3
             and any(m.get("reward_match_mean") is not None for m in r.metrics)]
-    header = ["Run", "All rollouts", *(f"{b} band" for b in BAND_NAMES), "Verdict (all / within bands)"]
+    header = ["Run", "All rollouts", "Fixed band mix", *(f"{b} band" for b in BAND_NAMES),
+              "Verdict (all / fixed mix / within bands)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for r in runs:
         def trend(key, band=None):
@@ -330,6 +347,7 @@ def learning_table(rows: list[Row]) -> str:
             return thirds_difference(values, weights)
 
         overall = trend("reward_match_mean")
+        mix = thirds_difference(fixed_mix(r.metrics))
         bands = [trend(f"match_{b}", b) for b in BAND_NAMES]
 
         def cell(t):
@@ -337,8 +355,9 @@ def learning_table(rows: list[Row]) -> str:
                 return "—"
             return f"{100 * t['first']:.1f} → {100 * t['last']:.1f} ({_diff_cell(t)})"
 
-        lines.append("| " + " | ".join([r.label, cell(overall), *(cell(t) for t in bands),
-                                        f"{_trend_word([overall])} / {_trend_word(bands)}"]) + " |")
+        lines.append("| " + " | ".join([r.label, cell(overall), cell(mix), *(cell(t) for t in bands),
+                                        f"{_trend_word([overall])} / {_trend_word([mix])} / {_trend_word(bands)}"])
+                     + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -500,7 +519,8 @@ def write_markdown(rows: list[Row], out: Path, figures: dict[str, str]) -> Path:
                   "Match reward (the % of rollouts whose answer was right) in the first third of the training "
                   "steps → the last third, and the difference in points with a 95% bootstrap interval over steps. The "
                   "curriculum moves towards harder bands, which lowers the rate over all rollouts by itself; "
-                  "within a band, a rise is learning.", "", learning, ""]
+                  "at a fixed band mix (each step's per-band rates weighted by the run's overall band shares) "
+                  "or within a band, a rise is learning.", "", learning, ""]
     if any(r.posttrain for r in rows):
         parts += ["## Post-training on math (SPEC §10)", "",
                   "Does a mid-trained checkpoint make a better start for reinforcement post-training?", "",
@@ -676,6 +696,12 @@ def plot_rewards(rows: list[Row], path: Path):
             ax.plot(steps, _smooth(values, window), color=f"C{k}", linewidth=2, marker="o", markersize=3,
                     label=r.label + (f" ({window}-step mean)" if window > 1 else ""))
             top = max(top, float(np.nanmax(values, initial=0.0)))
+            if key == "reward_match_mean" and any(m.get("sampled_bands") for m in r.metrics):
+                mix = np.asarray(fixed_mix(r.metrics), dtype=float)
+                ax.plot(steps, _smooth(mix, window), color=f"C{k}", linewidth=1.5, linestyle="--",
+                        label=r.label + " at a fixed band mix")
+        if key == "reward_match_mean" and shown:
+            ax.legend(fontsize=7)
         ax.set_ylim(-0.02, max(0.1, 1.15 * top))  # rewards lie in [0, 1]; zoom in on small ones
         ax.set_title(title, fontsize=10)
         _step_axis(ax, runs)
