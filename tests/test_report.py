@@ -254,4 +254,25 @@ def test_the_learning_table_from_hand_made_metrics(tmp_path):
     assert cells[2].startswith("42.5 → 50.5 (+8.0 [")
     assert cells[3].startswith("62.5 → 70.5 (+8.0 [") and cells[5].startswith("22.5 → 30.5 (+8.0 [")
     assert cells[4] == "—"  # no medium positions sampled
-    assert cells[6] == "falls / rises / rises"
+    assert cells[6] == "— (no `rl.control`)"
+    assert cells[7] == "falls / rises / rises / cannot tell"
+
+
+def test_the_learning_table_measures_the_gain_over_the_starting_model(tmp_path):
+    """With `rl.control` logged, the table gives the policy's match minus the starting model's on the same
+    prompts, first third of the steps → last third."""
+    import json
+
+    from rmt.report import learning_table
+
+    n = 40
+    folder = _hand_made_run(tmp_path / "rmt", "rmt", [True] * n, [0] * n, [0.7] * n)
+    metrics = [{"step": s, "reward_match_mean": 0.5, "control_match_mean": 0.5 - 0.002 * s,
+                "match_easy": 0.5, "sampled_bands": {"easy": 8, "medium": 0, "hard": 0}, "step_seconds": 1.0}
+               for s in range(1, 13)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    row = next(line for line in learning_table(load_rows([folder])).splitlines() if line.startswith("| rmt |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    # gains 0.002·step: steps 1-4 average 0.5 points, steps 9-12 2.1 points
+    assert cells[6].startswith("+0.5 → +2.1 (+1.6 [")
+    assert cells[7] == "cannot tell / cannot tell / cannot tell / rises"

@@ -86,6 +86,36 @@ def test_methods_and_ablations_run(tiny_model_dir, tiny_scored_dir, tmp_path, me
         assert last["loss"] == pytest.approx(last["loss_rl"])
 
 
+def test_control_rollouts_repeat_the_starting_model_on_the_same_draws(tiny_model_dir, tiny_scored_dir, tmp_path):
+    """`rl.control`: each step, the frozen starting model answers the policy's prompts with the same seeds.
+    At step 1 the two are the same model, so every rollout is identical; once the policy has moved, they
+    differ, while the control stays what the starting model draws. Its match reward is logged per step."""
+    from rmt.rewards import ExactMatch
+
+    calls = []
+
+    class Recording(ExactMatch):
+        def __call__(self, rollouts, tasks, context):
+            calls.append((context.step, [r.response_ids for r in rollouts]))
+            scores = super().__call__(rollouts, tasks, context)
+            for s, r in zip(scores, rollouts):  # a match reward that varies, whatever the tiny model writes
+                s["match"] = float(len(r.response_ids) % 2)
+            return scores
+
+    config = tiny_config(tiny_model_dir, tiny_scored_dir, tmp_path / "run", "steps=3", "rl.control=true",
+                         "rollout.temperature=1.0")
+    tokenizer = assets.load_tokenizer(str(tiny_model_dir))
+    metrics = read_metrics(train(config, reward=Recording(tokenizer)))
+    assert [step for step, _ in calls] == [0, 0, 1, 1, 2, 2]  # policy, then control, every step
+    policy = {step: ids for k, (step, ids) in enumerate(calls) if k % 2 == 0}
+    control = {step: ids for k, (step, ids) in enumerate(calls) if k % 2 == 1}
+    assert policy[0] == control[0]
+    assert policy[2] != control[2]  # lr 1e-3 moves the tiny policy within two steps
+    for m, step in zip(metrics, range(3)):
+        assert m["control_match_mean"] == pytest.approx(sum(len(ids) % 2 for ids in control[step]) / 16)
+        assert "control_match_easy" in m and m["control_seconds"] > 0
+
+
 def _weights(run_dir):
     return load_file(latest_checkpoint(run_dir) / "model.safetensors")
 

@@ -213,6 +213,12 @@ class RLConfig:
     """ε added to the group's standard deviation."""
     kl_coef: float = 0.0
     """β of a KL penalty to the frozen starting model (RPT used none); > 0 keeps a reference copy."""
+    control: bool = False
+    """Also roll out the frozen starting model on every step's prompts, with the same random draws, and log
+    its match reward (`control_match_mean`, per band `control_match_easy`, ...): the policy's match minus
+    the control's is learning measured on the same positions, free of which positions a step happened to
+    draw. Costs one more rollout phase per step and a copy of the model; the built-in engine rolls it out.
+    Skipped for rewards that run the policy (RLP)."""
 
     def __post_init__(self):
         check([

@@ -338,7 +338,7 @@ def learning_table(rows: list[Row]) -> str:
     runs = [r for r in rows if r.is_run and r.config.rl.enabled and len(r.metrics) >= 3
             and any(m.get("reward_match_mean") is not None for m in r.metrics)]
     header = ["Run", "All rollouts", "Fixed band mix", *(f"{b} band" for b in BAND_NAMES),
-              "Verdict (all / fixed mix / within bands)"]
+              "Minus the starting model, same prompts", "Verdict (all / fixed mix / within bands / vs start)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for r in runs:
         def trend(key, band=None):
@@ -349,15 +349,21 @@ def learning_table(rows: list[Row]) -> str:
         overall = trend("reward_match_mean")
         mix = thirds_difference(fixed_mix(r.metrics))
         bands = [trend(f"match_{b}", b) for b in BAND_NAMES]
+        gain = thirds_difference(match_gain(r.metrics))
 
         def cell(t):
             if t is None:
                 return "—"
             return f"{100 * t['first']:.1f} → {100 * t['last']:.1f} ({_diff_cell(t)})"
 
-        lines.append("| " + " | ".join([r.label, cell(overall), cell(mix), *(cell(t) for t in bands),
-                                        f"{_trend_word([overall])} / {_trend_word([mix])} / {_trend_word(bands)}"])
-                     + " |")
+        def gain_cell(t):
+            if t is None:
+                return "— (no `rl.control`)"
+            return f"{100 * t['first']:+.1f} → {100 * t['last']:+.1f} ({_diff_cell(t)})"
+
+        words = [_trend_word([overall]), _trend_word([mix]), _trend_word(bands), _trend_word([gain])]
+        lines.append("| " + " | ".join([r.label, cell(overall), cell(mix), *(cell(t) for t in bands), gain_cell(gain),
+                                        " / ".join(words)]) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -520,7 +526,10 @@ def write_markdown(rows: list[Row], out: Path, figures: dict[str, str]) -> Path:
                   "steps → the last third, and the difference in points with a 95% bootstrap interval over steps. The "
                   "curriculum moves towards harder bands, which lowers the rate over all rollouts by itself; "
                   "at a fixed band mix (each step's per-band rates weighted by the run's overall band shares) "
-                  "or within a band, a rise is learning.", "", learning, ""]
+                  "or within a band, a rise is learning. With `rl.control`, the starting model also answers every "
+                  "step's prompts with the same random draws: the policy's match minus its match is the gain RL has "
+                  "made by then, measured on the same positions (0 at the first step, where the two are the same "
+                  "model).", "", learning, ""]
     if any(r.posttrain for r in rows):
         parts += ["## Post-training on math (SPEC §10)", "",
                   "Does a mid-trained checkpoint make a better start for reinforcement post-training?", "",
@@ -672,25 +681,37 @@ def plot_band_mix(rows: list[Row], path: Path):
     return fig
 
 
+def match_gain(metrics: list[dict]) -> list[float]:
+    """Each step's match reward minus the control's (`rl.control`: the starting model on the same prompts
+    with the same random draws); NaN where a step has no control."""
+    return [np.nan if m.get("reward_match_mean") is None or m.get("control_match_mean") is None
+            else m["reward_match_mean"] - m["control_match_mean"] for m in metrics]
+
+
 def plot_rewards(rows: list[Row], path: Path):
-    """Total, match and length reward per step (top), and the match reward per difficulty band (bottom):
-    the curriculum moves towards harder bands, which lowers the overall match rate by itself; within a
-    band, a rising match rate is learning."""
+    """Total, match and length reward per step, the match gain over the starting model on the same prompts
+    (top), the match reward per difficulty band and the reasoning length (bottom): the curriculum moves
+    towards harder bands, which lowers the overall match rate by itself; within a band, at a fixed band mix,
+    or against the starting model on the same prompts, a rising match rate is learning."""
     runs = [r for r in rows if r.is_run and r.config.rl.enabled and r.metrics]
-    fig = _figure(figsize=(13, 8))
-    axes = fig.subplots(2, 3, sharex=True)
+    series = {r.label: [{**m, "match_gain": g} for m, g in zip(r.metrics, match_gain(r.metrics))] for r in runs}
+    fig = _figure(figsize=(17, 8))
+    axes = fig.subplots(2, 4, sharex=True)
     panels = (("reward_mean", "total reward r"), ("reward_match_mean", "match reward $r_{match}$"),
               ("reward_len_mean", "length reward $r_{len}$"),
-              *((f"match_{b}", f"match reward, {b} band positions") for b in BAND_NAMES))
+              ("match_gain", "match − the starting model's\n(same prompts, same draws; rl.control)"),
+              *((f"match_{b}", f"match reward, {b} band positions") for b in BAND_NAMES),
+              ("reasoning_len_mean", "reasoning length (tokens)"))
     for ax, (key, title) in zip(axes.flat, panels):
-        shown = [r for r in runs if any(m.get(key) is not None for m in r.metrics)]
+        shown = [r for r in runs if any(np.isfinite(m.get(key) if m.get(key) is not None else np.nan)
+                                        for m in series[r.label])]
         if not shown:
             _empty(ax, "no RL run logs it")
         top = 0.0
         for k, r in enumerate(runs):
             if r not in shown:
                 continue
-            steps, values = _series(r.metrics, key)
+            steps, values = _series(series[r.label], key)
             window = max(1, len(steps) // 10)
             ax.plot(steps, values, color=f"C{k}", alpha=0.3, linewidth=1)
             ax.plot(steps, _smooth(values, window), color=f"C{k}", linewidth=2, marker="o", markersize=3,
@@ -702,10 +723,17 @@ def plot_rewards(rows: list[Row], path: Path):
                         label=r.label + " at a fixed band mix")
         if key == "reward_match_mean" and shown:
             ax.legend(fontsize=7)
-        ax.set_ylim(-0.02, max(0.1, 1.15 * top))  # rewards lie in [0, 1]; zoom in on small ones
+        if key == "match_gain":
+            ax.axhline(0, color="k", linewidth=0.8)
+            ax.set_ylabel("difference (−1 to 1)")
+        elif key == "reasoning_len_mean":
+            ax.set_ylim(bottom=0)
+            ax.set_ylabel("tokens, mean over rollouts")
+        else:
+            ax.set_ylim(-0.02, max(0.1, 1.15 * top))  # rewards lie in [0, 1]; zoom in on small ones
+            ax.set_ylabel("mean over rollouts (0–1)")
         ax.set_title(title, fontsize=10)
         _step_axis(ax, runs)
-        ax.set_ylabel("mean over rollouts (0–1)")
         ax.grid(alpha=0.3)
     if runs:
         axes[0, 0].legend(fontsize=8)

@@ -63,14 +63,18 @@ def train(config: TrainConfig, resume: bool = False, reward=None, allow_changes:
     tokenizer = run.tokenizer
     prompt = PromptBuilder(tokenizer, config.rollout.prompt_style, config.rollout.prefill_think)
     r = config.rollout
-    engine = make_engine(run.policy, tokenizer, RolloutSettings(
-        answer_tokens=r.answer_tokens, temperature=r.temperature, top_p=r.top_p, force_answer=r.force_answer,
-        batch_size=r.batch_size, answer=r.answer), r.engine, **engine_options(r))
+    sampling = RolloutSettings(answer_tokens=r.answer_tokens, temperature=r.temperature, top_p=r.top_p,
+                               force_answer=r.force_answer, batch_size=r.batch_size, answer=r.answer)
+    engine = make_engine(run.policy, tokenizer, sampling, r.engine, **engine_options(r))
     reward = reward or build_reward(config.reward, tokenizer, run.policy)
     advantages_of = ADVANTAGES[config.rl.advantage]
     update = UpdateSettings(clip_eps=config.rl.clip_eps, kl_coef=config.rl.kl_coef, ntp_weight=config.ntp.weight,
                             micro_batch=config.optim.micro_batch, pack_tokens=config.optim.pack_tokens)
-    reference = run.load_reference() if rl and config.rl.kl_coef > 0 else None
+    runs_policy = getattr(reward, "runs_policy", False)
+    control = rl and config.rl.control and not runs_policy
+    frozen = run.load_reference() if rl and (config.rl.kl_coef > 0 or control) else None  # the starting model
+    reference = frozen if config.rl.kl_coef > 0 else None
+    control_engine = make_engine(frozen, tokenizer, sampling) if control else None
     sampler = BandSampler(config.seed)
     order = DataOrder(np.random.default_rng(config.seed + 1), len(windows))
     stateful = [reward] if hasattr(reward, "state_dict") else []
@@ -114,7 +118,7 @@ def train(config: TrainConfig, resume: bool = False, reward=None, allow_changes:
             # ---- rewards and group advantages (SPEC §4, §6; §13 for RLP) ------------------------------
             t1 = time.perf_counter()
             tasks = [NextToken(docs[d].input_ids, t) for d, t in where for _ in range(G)]
-            with gathered_weights(run.model) if getattr(reward, "runs_policy", False) else contextlib.nullcontext():
+            with gathered_weights(run.model) if runs_policy else contextlib.nullcontext():
                 scores = reward(rollouts, tasks, RewardContext(step, T, budget))
             rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32).view(-1, G)
             advantages, zero_std = advantages_of(rewards, config.rl.adv_eps)
@@ -125,6 +129,16 @@ def train(config: TrainConfig, resume: bool = False, reward=None, allow_changes:
             m.update(rollout_metrics(rollouts, scores, config.rollout), zero_std_groups=zero_std)
             bands = [int(docs[d].band[t]) for d, t in where for _ in range(G)]
             m.update(band_means(scores, bands, "match"))
+            if control_engine is not None:  # the starting model on the same prompts, with the same draws
+                t1 = time.perf_counter()
+                with run.accelerator.autocast():
+                    controls = rollout_positions(control_engine, pre, post, [d.input_ids for d in docs], positions,
+                                                 G, seeds, cap, config.rollout.shared_prefix)
+                control_scores = reward(controls, tasks, RewardContext(step, T, budget))
+                m.update({f"control_{k}": v for k, v in band_means(control_scores, bands, "match").items()})
+                if "match" in control_scores[0]:
+                    m["control_match_mean"] = float(np.mean([c["match"] for c in control_scores]))
+                m["control_seconds"] = time.perf_counter() - t1
 
         # ---- update: L = L_RL + λ·L_NTP over the same documents (SPEC §6, §7) --------------------------
         t1 = time.perf_counter()
