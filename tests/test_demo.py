@@ -128,7 +128,9 @@ def test_demo_configs_load_from_the_package():
         assert not configs["ntp"].rl.enabled and all(c.model == "warm" for c in configs.values())
         post = posttrain_config(demo, "runs/rmt", "runs/rmt/posttrain")  # the packaged posttrain.yaml + overrides
         assert post.model == "runs/rmt" and post.midtrain_corpus == demo.corpus
-    assert quick.train["steps"] < full.train["steps"] <= study.train["steps"]
+    assert quick.train["steps"] < full.train["steps"]
+    assert study.train == full.train and study.methods == [*full.methods, "rmt-no-dtb", "rmt-no-cas", "rmt-no-ntp",
+                                                            "rlp"]  # it adds to a finished demo's folder
     assert posttrain_config(quick, "m", "o").steps < posttrain_config(full, "m", "o").steps
     ablations = {m: train_config(study, m, "scored", "out", "warm") for m in ("rmt-no-dtb", "rmt-no-cas", "rmt-no-ntp")}
     assert not ablations["rmt-no-dtb"].budget.enabled and not ablations["rmt-no-cas"].curriculum.enabled

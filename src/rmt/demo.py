@@ -11,11 +11,11 @@ Stages, all into one folder DIR:
    on math questions (SPEC §10), accuracy before and after                       -> DIR/<name>/posttrain/
 6. compare them, with intervals and a verdict on each of the paper's claims      -> DIR/report/
 
-The settings are a `DemoConfig` YAML (`rmt/configs/demo.yaml`; `--quick` takes `demo-quick.yaml`,
-`--study` the longer `demo-study.yaml`): the demo's own `score` and `eval` options, a `warmup` section
-of overrides to `rmt warmup`'s config, a `train` section shared by every method (each method's preset,
-SPEC §8, applies under it), and a `posttrain` section of overrides to the packaged `posttrain.yaml`, the
-same for every start. Re-running into the same DIR skips what is finished: scoring resumes its shards, a
+The settings are a `DemoConfig` YAML (`rmt/configs/demo.yaml`; `--quick` takes `demo-quick.yaml`;
+`--study` is `demo.yaml` with every method and ablation, plus post-training): the demo's own `score` and
+`eval` options, a `warmup` section of overrides to `rmt warmup`'s config, a `train` section shared by every
+method (each method's preset, SPEC §8, applies under it), and a `posttrain` section of overrides to the
+packaged `posttrain.yaml`, the same for every start. Re-running into the same DIR skips what is finished: scoring resumes its shards, a
 run with its final checkpoint is not retrained, an unfinished run resumes from its latest checkpoint, and
 an evaluation of the same checkpoint with the same settings is kept.
 """
@@ -95,10 +95,17 @@ def packaged_config(name: str):
     return importlib.resources.files("rmt") / "configs" / name
 
 
+# `--study`: the demo's settings with every run SPEC §8 and §13 name, so that it adds to a finished demo's
+# folder only what the demo lacks (and post-trains every start).
+STUDY_METHODS = ["ntp", "rpt", "rmt", *ABLATIONS, "rlp"]
+
+
 def load_demo_config(path: str | None, preset: str, overrides: list[str]) -> DemoConfig:
     """`preset` is quick, study or default (the packaged file), unless `path` is given."""
+    if preset == "study":
+        overrides = [f"methods=[{','.join(STUDY_METHODS)}]", *overrides]
     if path is None:
-        name = {"quick": "demo-quick.yaml", "study": "demo-study.yaml"}.get(preset, "demo.yaml")
+        name = "demo-quick.yaml" if preset == "quick" else "demo.yaml"
         with importlib.resources.as_file(packaged_config(name)) as file:
             return load_config(str(file), overrides, schema=DemoConfig)
     return load_config(path, overrides, schema=DemoConfig)
@@ -297,8 +304,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     preset = parser.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true", help="toy sizes (a few minutes): the packaged demo-quick.yaml")
     preset.add_argument("--study", action="store_true",
-                        help="the longer study (about 1.5 hours on 2 CPU cores): ablations, RLP and post-training "
-                             "(the packaged demo-study.yaml)")
+                        help="the longer study: the demo plus RMT's three ablations, RLP and post-training of every "
+                             "start (into a finished demo's folder it adds only those; README for its time)")
     preset.add_argument("--config", help="a demo config file instead of the packaged one")
     parser.add_argument("--model", help=f"model instead of the embedded {EMBEDDED_MODEL} (sets train.model)")
     parser.add_argument("--corpus", help=f"corpus instead of the embedded {EMBEDDED_CORPUS}")
