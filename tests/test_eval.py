@@ -136,6 +136,19 @@ def test_ntr_with_the_real_engine_is_consistent_and_deterministic(tiny_model_dir
     assert ntr["reasoning_len_mean"] == pytest.approx(np.mean([r["reasoning_len"] for r in records]))
 
 
+def test_sampled_ntr_draws_each_positions_own_numbers(tiny_model_dir, tiny_scored_dir):
+    """`temperature > 0`: one sampled answer per position, seeded by the position's index, so the records do
+    not depend on how positions are batched, and differ from greedy decoding."""
+    common = dict(budget=3, positions=12, seed=1, progress=False, temperature=1.0)
+    small = evaluate(str(tiny_model_dir), tiny_scored_dir, ["ntr"], batch_size=2, **common)
+    large = evaluate(str(tiny_model_dir), tiny_scored_dir, ["ntr"], batch_size=64, **common)
+    greedy = evaluate(str(tiny_model_dir), tiny_scored_dir, ["ntr"], budget=3, positions=12, seed=1, progress=False)
+    responses = lambda result: [r["response"] for r in result["records"]["ntr"]]  # noqa: E731
+    assert responses(small) == responses(large)
+    assert responses(small) != responses(greedy)
+    assert small["settings"]["temperature"] == 1.0 and greedy["settings"]["temperature"] == 0.0
+
+
 def test_eval_command_writes_json_and_a_table(tiny_model_dir, tiny_scored_dir, tmp_path, capsys):
     out = tmp_path / "eval.json"
     argv = ["eval", "--model", str(tiny_model_dir), "--data", str(tiny_scored_dir), "--budget", "none",

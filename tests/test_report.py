@@ -276,3 +276,23 @@ def test_the_learning_table_measures_the_gain_over_the_starting_model(tmp_path):
     # gains 0.002·step: steps 1-4 average 0.5 points, steps 9-12 2.1 points
     assert cells[6].startswith("+0.5 → +2.1 (+1.6 [")
     assert cells[7] == "cannot tell / cannot tell / cannot tell / rises"
+
+
+def test_report_reads_another_evaluation_file(tmp_path, capsys):
+    """`--eval-file`: the same run folders, a second evaluation of each (e.g. sampled at temperature 1)."""
+    import json
+
+    n = 40
+    folders = [_hand_made_run(tmp_path / name, method, [True] * n, [0] * n, [0.7] * n)
+               for name, method in (("warm", "warmup"), ("rmt", "rmt"))]
+    for folder, hits in zip(folders, (10, 30)):
+        result = json.loads((folder / "eval.json").read_text())
+        result["settings"]["temperature"] = 1.0
+        for k, r in enumerate(result["records"]["ntr"]):
+            r["exact"] = k < hits
+        (folder / "eval-t1.json").write_text(json.dumps(result))
+    assert main(["report", *map(str, folders), "--out", str(tmp_path / "report"), "--eval-file", "eval-t1.json"]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "sampled at temperature 1 per position" in text
+    row = next(line for line in text.splitlines() if line.startswith("| rmt − warmed base |"))
+    assert "+50.0 [" in row  # 30/40 − 10/40, from the second file's records

@@ -66,6 +66,10 @@ class EvalSettings:
     """Close </think> and open \\boxed{ for the model when it has not (SPEC §3)."""
     answer_tokens: int = 16
     """Tokens allowed for the boxed answer after the reasoning."""
+    temperature: float = 0.0
+    """NTR sampling temperature. 0: greedy, the papers' accuracy. > 0: one sampled answer per position (the
+    sample of position k seeded by `seed` and k, so that two models evaluated alike draw the same random
+    numbers): the accuracy is then the RL objective itself, the expected match, on held-out text."""
     batch_size: int = 32
     """Sequences per generation batch (NTR); windows per forward are a quarter of it (NTP)."""
     prompt_style: str = "auto"
@@ -85,6 +89,7 @@ class EvalSettings:
             (self.max_reasoning_tokens >= 1, f"max_reasoning_tokens must be >= 1, got {self.max_reasoning_tokens}"),
             (self.positions >= 1, f"positions must be >= 1, got {self.positions}"),
             (self.answer_tokens >= 1, f"answer_tokens must be >= 1, got {self.answer_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.prompt_style in PROMPT_STYLES, f"prompt_style must be one of {', '.join(PROMPT_STYLES)}"),
         ], prefix="eval")
@@ -126,6 +131,7 @@ FLAGS = (
     Flag("--positions", "positions", int), Flag("--seed", "seed", int),
     Flag("--no-force-answer", "force_answer", const=False), Flag("--answer-tokens", "answer_tokens", int),
     Flag("--batch-size", "batch_size", int), Flag("--prompt-style", "prompt_style"), Flag("--split", "split"),
+    Flag("--temperature", "temperature", float),
 )
 
 
@@ -219,14 +225,15 @@ def evaluate_ntp(model, tokenizer, windows: list[ScoredWindow], pool: list[Posit
 
 def evaluate_ntr(model, tokenizer, windows: list[ScoredWindow], sample: list[Position], settings: EvalSettings,
                  progress: bool = True, shard: tuple[int, int] = (0, 1)) -> dict[int, dict]:
-    """Reasoning, then the boxed prediction, greedily, at each sampled position.
+    """Reasoning, then the boxed prediction, greedily (or sampled at `settings.temperature`), at each sampled
+    position.
 
     Positions of one window share its prompt prefix, encoded once (`RolloutEngine.generate_shared`).
     Returns {sample index: record} for the positions of this process's batches (`shard` = (rank, world))."""
     builder = PromptBuilder(tokenizer, settings.prompt_style, prefill_think=True)
     engine = make_engine(model, tokenizer, RolloutSettings(
         max_reasoning_tokens=settings.reasoning_cap, answer_tokens=settings.answer_tokens,
-        temperature=0.0,  # greedy: the result does not depend on a sampling seed
+        temperature=settings.temperature,
         force_answer=settings.force_answer, batch_size=settings.batch_size,
     ), settings.engine)
     exact, prefix = ExactMatch(tokenizer), PrefixMatch(tokenizer)
@@ -250,7 +257,8 @@ def evaluate_ntr(model, tokenizer, windows: list[ScoredWindow], sample: list[Pos
     for unit in mine:
         keys = [k for i in unit for k in by_window[i]]
         prompts = [document_prompts(pre, windows[i].input_ids, [sample[k].t for k in by_window[i]], post) for i in unit]
-        for k, r in zip(keys, engine.generate_shared(prompts, 1)):
+        seeds = [settings.seed * 1_000_003 + k for k in keys]  # position k's draws, whatever the batching
+        for k, r in zip(keys, engine.generate_shared(prompts, 1, seeds)):
             p, w = sample[k], windows[sample[k].window]
             prediction = extract_prediction(r.text)
             task = NextToken(w.input_ids, p.t)

@@ -108,16 +108,17 @@ def _config_kind(path: Path) -> str:
     return "warmup" if "thought" in keys else "train"
 
 
-def load_row(folder: str | Path) -> Row:
+def load_row(folder: str | Path, eval_file: str = EVAL_FILE) -> Row:
+    """One folder's row; its evaluation is `folder/eval_file` (e.g. a second, sampled `rmt eval --out`)."""
     from rmt.warmup import WarmupConfig
 
     folder = Path(folder)
     if not folder.is_dir():
         raise RmtError(f"{folder}: no such folder; give run folders (or a folder holding an {EVAL_FILE})")
-    has_config, has_eval = (folder / "config.yaml").is_file(), (folder / EVAL_FILE).is_file()
+    has_config, has_eval = (folder / "config.yaml").is_file(), (folder / eval_file).is_file()
     has_post = (folder / POSTTRAIN_DIR / POSTTRAIN_EVAL_FILE).is_file()
     if not has_config and not has_eval and not has_post:
-        raise RmtError(f"{folder}: neither a training run (no config.yaml) nor an evaluation (no {EVAL_FILE}) "
+        raise RmtError(f"{folder}: neither a training run (no config.yaml) nor an evaluation (no {eval_file}) "
                        f"nor a post-training ({POSTTRAIN_DIR}/{POSTTRAIN_EVAL_FILE})")
     row = Row(folder, label="base")
     if has_config:
@@ -132,7 +133,7 @@ def load_row(folder: str | Path) -> Row:
         elif row.metrics[-1]["step"] < row.config.steps:
             row.notes.append(f"unfinished: {row.metrics[-1]['step']} of {row.config.steps} steps")
     if has_eval:
-        row.evaluation = load_eval(folder / EVAL_FILE)
+        row.evaluation = load_eval(folder / eval_file)
     if has_post:
         post = folder / POSTTRAIN_DIR
         row.posttrain = read_json(post / POSTTRAIN_EVAL_FILE, "post-training evaluation")
@@ -148,8 +149,8 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [record for _, record in read_jsonl_records(path)] if path.is_file() else []
 
 
-def load_rows(folders) -> list[Row]:
-    rows = [load_row(f) for f in folders]
+def load_rows(folders, eval_file: str = EVAL_FILE) -> list[Row]:
+    rows = [load_row(f, eval_file) for f in folders]
     labels = [r.label for r in rows]
     for r in rows:  # same label twice (e.g. two rmt runs): tell them apart by folder
         if labels.count(r.label) > 1:
@@ -474,11 +475,13 @@ def settings_text(rows: list[Row]) -> str:
     s = evaluation["settings"]
     t = s["thresholds"]
     budget = f"budget B = {s['budget']} in the prompt" if s["budget"] is not None else "no budget in the prompt"
+    decoding = "greedy decoding" if not s.get("temperature") else \
+        f"one answer sampled at temperature {s['temperature']:g} per position (the same random draws for every row)"
     return (
-        f"Evaluated on the eval split of `{evaluation['data']}`. Nested splits by proxy entropy: "
+        f"Evaluated on the {s.get('split', 'eval')} split of `{evaluation['data']}`. Nested splits by proxy entropy: "
         f"easy H > {t[0]:.3g}, medium H > {t[1]:.3g}, hard H > {t[2]:.3g} nats; Avg. is their unweighted mean. "
         f"NTR mode: {s['ntr_positions']} positions sampled from the {s['pool_size']} above the floor "
-        f"(seed {s['seed']}), the same for every row, greedy decoding, {budget}, reasoning cap "
+        f"(seed {s['seed']}), the same for every row, {decoding}, {budget}, reasoning cap "
         f"{s['reasoning_cap']} tokens, answer forcing {'on' if s['force_answer'] else 'off'}; accuracy is exact "
         f"match of the boxed prediction with the next token. NTP mode: greedy next token at every pool position. "
         "NTR/NTP: NTR accuracy as a share of greedy NTP accuracy on the same positions. Accuracies in %, with "
@@ -813,12 +816,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"training run folders with {EVAL_FILE}, and/or a folder holding only a base {EVAL_FILE}; "
                              f"a RUN_DIR/{POSTTRAIN_DIR}/ post-training adds the before / after table")
     parser.add_argument("--out", required=True, type=Path, help="report folder (report.md and figures)")
+    parser.add_argument("--eval-file", default=EVAL_FILE,
+                        help="the evaluation file to read in each folder (default: %(default)s), e.g. one written "
+                             "by `rmt eval --temperature 1 --out RUN/eval-t1.json`")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise RmtError(f"{args.out} is a file; --out must be a folder")
-    rows = load_rows(args.runs)
+    rows = load_rows(args.runs, args.eval_file)
     path = render(rows, args.out)
     print(table(rows))
     print(f"\n{claims_text(rows)}")
